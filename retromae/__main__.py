@@ -1,0 +1,5 @@
+import sys
+
+from retromae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus reading, cutting into examples, and batching."""

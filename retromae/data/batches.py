@@ -1,0 +1,156 @@
+"""Micro-batches for each process, in an order fixed by (seed, epoch), with a position that can be resumed.
+
+The run is a sequence of *global* batches (per-device batch x processes). Process r takes slice r of every
+global batch, so the union of what all processes see at a step is exactly what one process holding the
+global batch would see. Each example carries a seed made from (run seed, epoch, example index): masks built
+from it do not depend on the number of processes, on padding, or on an interruption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from retromae.rng import example_seeds, mix32, to_int32
+
+
+@dataclass
+class Position:
+    """Where the data stream is: `offset` global batches into `epoch`."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+def collate(examples: list[list[int]], indices: list[int], epoch: int, seed: int, pad_id: int, multiple: int) -> dict:
+    longest = max(len(e) for e in examples)
+    if multiple > 1:
+        longest = -(-longest // multiple) * multiple
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, ids in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "seeds": example_seeds(seed, epoch, torch.as_tensor(indices, dtype=torch.long)),
+    }
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    key = int(mix32(mix32(to_int32(seed)) ^ to_int32(epoch + 0x5EED)).item()) & 0xFFFFFFFF
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key))
+
+
+class _IndexedStore(torch.utils.data.Dataset):
+    """Maps a list of example indices to one collated micro-batch (one Arrow read per batch)."""
+
+    def __init__(self, store, seed: int, pad_id: int, multiple: int):
+        self.store, self.seed, self.pad_id, self.multiple = store, seed, pad_id, multiple
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, item: tuple[int, list[int]]) -> dict:
+        epoch, indices = item
+        examples = self.store[indices]["input_ids"]
+        return collate(examples, indices, epoch, self.seed, self.pad_id, self.multiple)
+
+
+class _SliceSampler(torch.utils.data.Sampler):
+    def __init__(self, batches: "StoreBatches", start: Position):
+        self.batches, self.start = batches, start
+
+    def __iter__(self):
+        b = self.batches
+        epoch, offset = self.start.epoch, self.start.offset
+        while True:
+            order = epoch_permutation(len(b.store), b.seed, epoch)
+            for g in range(offset, b.per_epoch):
+                first = g * b.global_batch + b.process_index * b.batch_size
+                yield epoch, order[first : first + b.batch_size].tolist()
+            epoch, offset = epoch + 1, 0
+
+
+class StoreBatches:
+    """Batches from a map-style example store; epochs are reshuffled permutations, the last partial global batch
+    is dropped so every process always holds the same number of examples."""
+
+    def __init__(self, store, batch_size: int, num_processes: int, process_index: int, seed: int, pad_id: int,
+                 pad_to_multiple_of: int = 8, num_workers: int = 0):
+        self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.global_batch = batch_size * num_processes
+        self.per_epoch = len(store) // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the corpus has {len(store)} examples, fewer than one global batch "
+                f"({batch_size} per device x {num_processes} processes); lower train.per_device_batch_size"
+            )
+        self.pad_id, self.multiple, self.num_workers = pad_id, pad_to_multiple_of, num_workers
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_epoch
+
+    def iterate(self, start: Position) -> Iterator[tuple[dict, Position]]:
+        """Micro-batches from `start` on, forever, each with the position just after it."""
+        loader = torch.utils.data.DataLoader(
+            _IndexedStore(self.store, self.seed, self.pad_id, self.multiple),
+            sampler=_SliceSampler(self, start),
+            batch_size=None,
+            num_workers=self.num_workers,
+            # Its own generator: creating the iterator must not draw from the global RNG, which drives dropout
+            # and is restored exactly on resume.
+            generator=torch.Generator(),
+        )
+        epoch, offset = start.epoch, start.offset
+        for batch in loader:
+            offset += 1
+            if offset == self.per_epoch:
+                epoch, offset = epoch + 1, 0
+            yield batch, Position(epoch, offset)
+
+
+class StreamBatches:
+    """Batches from a streamed example source (a `datasets.IterableDataset`), shuffled through a buffer.
+
+    Every process reads the whole stream and keeps its slice of each global batch: simple, exact, and cheap
+    next to a training step. A stream has no known length, so runs set train.max_steps.
+    """
+
+    batches_per_epoch = None
+
+    def __init__(self, stream, batch_size: int, num_processes: int, process_index: int, seed: int, pad_id: int,
+                 pad_to_multiple_of: int = 8, shuffle_buffer: int = 10000):
+        self.batch_size, self.seed = batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.global_batch = batch_size * num_processes
+        self.pad_id, self.multiple = pad_id, pad_to_multiple_of
+        self.stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else stream
+
+    def iterate(self, start: Position) -> Iterator[tuple[dict, Position]]:
+        epoch, skip = start.epoch, start.offset
+        while True:
+            self.stream.set_epoch(epoch)
+            offset, pending, produced = 0, [], False
+            for index, example in enumerate(self.stream):
+                pending.append(example["input_ids"])
+                if len(pending) < self.global_batch:
+                    continue
+                first = index + 1 - self.global_batch
+                lo = self.process_index * self.batch_size
+                mine = pending[lo : lo + self.batch_size]
+                pending = []
+                offset += 1
+                produced = True
+                if offset <= skip:
+                    continue
+                indices = list(range(first + lo, first + lo + self.batch_size))
+                yield collate(mine, indices, epoch, self.seed, self.pad_id, self.multiple), Position(epoch, offset)
+            if not produced:
+                raise ValueError("the streamed corpus holds fewer examples than one global batch")
+            epoch, skip = epoch + 1, 0

@@ -1,0 +1,201 @@
+"""Read pretraining text: JSON lines, plain text, TSV, or any Hugging Face dataset.
+
+Local files are read by hand, line by line, because bad input must be reported with its file and line
+(a pyarrow JSON error names neither); Hugging Face datasets are read with `datasets.load_dataset`, streamed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class CorpusError(ValueError):
+    """Bad corpus input; the message names the file (or dataset), the line (or row) and what to do."""
+
+
+FORMATS = ("auto", "jsonl", "text", "tsv", "hf")
+
+
+@dataclass
+class TextFields:
+    """How to pull one text out of a record."""
+
+    text_field: str = "text"
+    title_field: str | None = "title"
+    title_separator: str = " "
+    tsv_text_column: int = -1
+    tsv_title_column: int | None = None
+    skip_empty: bool = False
+
+    def join(self, title: str | None, text: str) -> str:
+        title = (title or "").strip()
+        return f"{title}{self.title_separator}{text}" if title else text
+
+
+def detect_format(path: str) -> str:
+    name = path.lower().removesuffix(".gz")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith((".txt", ".text")):
+        return "text"
+    if not os.path.exists(path):
+        raise CorpusError(
+            f"{path}: file not found (for a Hugging Face dataset by name, set data.format=hf)"
+        )
+    if os.path.isdir(path):
+        return "hf"
+    raise CorpusError(
+        f"{path}: cannot tell the format from the file name; set data.format to jsonl, text, tsv or hf"
+    )
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line without newline); non-UTF-8 input is an error naming the line."""
+    p = Path(path)
+    if not p.exists():
+        raise CorpusError(f"{path}: file not found")
+    if p.is_dir():
+        raise CorpusError(f"{path}: is a directory, not a corpus file (for a Hugging Face dataset set data.format=hf)")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusError(
+                    f"{path}:{number}: not UTF-8 (byte {err.start} of the line is 0x{raw[err.start]:02x}); "
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            yield number, line.rstrip("\r\n")
+
+
+def _empty(path: str, number: int, fields: TextFields, what: str = "line") -> bool:
+    if fields.skip_empty:
+        return True
+    raise CorpusError(f"{path}:{number}: empty {what}; remove it, or set data.skip_empty=true to skip empty texts")
+
+
+def read_jsonl(path: str, fields: TextFields) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            if _empty(path, number, fields):
+                continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise CorpusError(f"{path}:{number}: expected a JSON object with a '{fields.text_field}' field")
+        if fields.text_field not in record:
+            keys = ", ".join(map(str, record)) or "none"
+            raise CorpusError(
+                f"{path}:{number}: no '{fields.text_field}' field (fields: {keys}); "
+                "set data.text_field to the field that holds the text"
+            )
+        text = record[fields.text_field]
+        if not isinstance(text, str):
+            raise CorpusError(f"{path}:{number}: field '{fields.text_field}' is {type(text).__name__}, not a string")
+        title = record.get(fields.title_field) if fields.title_field else None
+        if title is not None and not isinstance(title, str):
+            raise CorpusError(f"{path}:{number}: field '{fields.title_field}' is {type(title).__name__}, not a string")
+        joined = fields.join(title, text).strip()
+        if not joined:
+            if _empty(path, number, fields, "text"):
+                continue
+        yield joined
+
+
+def read_text(path: str, fields: TextFields) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            if _empty(path, number, fields):
+                continue
+        yield line.strip()
+
+
+def read_tsv(path: str, fields: TextFields) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            if _empty(path, number, fields):
+                continue
+        columns = line.split("\t")
+        try:
+            text = columns[fields.tsv_text_column]
+            title = columns[fields.tsv_title_column] if fields.tsv_title_column is not None else None
+        except IndexError:
+            raise CorpusError(
+                f"{path}:{number}: has {len(columns)} tab-separated column(s); data.tsv_text_column="
+                f"{fields.tsv_text_column}, data.tsv_title_column={fields.tsv_title_column} point past them"
+            ) from None
+        joined = fields.join(title, text).strip()
+        if not joined:
+            if _empty(path, number, fields, "text"):
+                continue
+        yield joined
+
+
+def read_hf(name: str, fields: TextFields, config: str | None, split: str) -> Iterator[str]:
+    """Stream a Hugging Face dataset (hub name, local dataset folder, or a folder saved by save_to_disk)."""
+    import datasets
+
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")) and os.path.exists(
+        os.path.join(name, "state.json")
+    ):
+        loaded = datasets.load_from_disk(name)
+        rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    else:
+        try:
+            rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        except Exception as err:  # the hub client raises many types; all mean "cannot open this dataset"
+            raise CorpusError(f"{name}: cannot load this Hugging Face dataset (split {split!r}): {err}") from err
+    for number, record in enumerate(rows):
+        if fields.text_field not in record:
+            keys = ", ".join(record) or "none"
+            raise CorpusError(
+                f"{name} row {number}: no '{fields.text_field}' field (fields: {keys}); set data.text_field"
+            )
+        title = record.get(fields.title_field) if fields.title_field else None
+        joined = fields.join(title, record[fields.text_field] or "").strip()
+        if not joined:
+            if _empty(name, number, fields, "text"):
+                continue
+        yield joined
+
+
+def read_corpus(
+    sources: list[str], fmt: str, fields: TextFields, hf_config: str | None = None, hf_split: str = "train"
+) -> Iterator[str]:
+    """Every text of every source, in order."""
+    if not sources:
+        raise CorpusError("data.corpus is empty: give one or more files (jsonl, txt, tsv) or a Hugging Face dataset")
+    for source in sources:
+        kind = detect_format(source) if fmt == "auto" else fmt
+        if kind == "jsonl":
+            yield from read_jsonl(source, fields)
+        elif kind == "text":
+            yield from read_text(source, fields)
+        elif kind == "tsv":
+            yield from read_tsv(source, fields)
+        elif kind == "hf":
+            yield from read_hf(source, fields, hf_config, hf_split)
+        else:
+            raise CorpusError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def source_signature(sources: list[str]) -> list:
+    """What identifies the sources' content for caching: path, size and modification time of local files."""
+    signature = []
+    for source in sources:
+        if os.path.isfile(source):
+            st = os.stat(source)
+            signature.append([os.path.abspath(source), st.st_size, st.st_mtime_ns])
+        else:
+            signature.append([source])
+    return signature

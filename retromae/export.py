@@ -1,0 +1,72 @@
+"""Export a trained encoder: a Hugging Face model folder that is also a sentence-transformers folder, with the
+pretraining heads beside it so that pretraining can be continued from it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import safetensors.torch
+
+from retromae.config import dump_yaml
+from retromae.io import atomic_directory
+from retromae.modeling import base_model, heads_path
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512,
+                 pooling: str = "cls") -> Path:
+    """Write `out_dir` atomically:
+    - config.json, model.safetensors, tokenizer files: the encoder body (`AutoModel.from_pretrained(out_dir)`);
+    - modules.json, 1_Pooling/ ...: the same weights as a sentence-transformers model (`SentenceTransformer(out_dir)`);
+    - pretraining/heads.safetensors and pretraining/config.yaml: the MLM head and the objective's own heads,
+      loaded again when `model.name_or_path` points at this folder.
+    """
+    from sentence_transformers import SentenceTransformer, models
+
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp, _quiet_transformers():
+        base_model(objective.encoder).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        transformer = models.Transformer(str(tmp), max_seq_length=max_seq_length)
+        dimension = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+        pool = models.Pooling(dimension(), pooling_mode=pooling)
+        SentenceTransformer(modules=[transformer, pool], device="cpu").save(str(tmp))
+        heads = Path(heads_path(str(tmp)))
+        heads.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(objective.heads_state_dict(), str(heads), metadata={"objective": objective.name})
+        if run_config is not None:
+            dump_yaml(run_config, heads.parent / "config.yaml")
+    logger.info("exported the encoder to %s", out_dir)
+    return out_dir
+
+
+def load_heads_if_present(objective, model_dir: str) -> bool:
+    """Continue pretraining from an export: load its saved heads into `objective` (matching names only)."""
+    path = Path(heads_path(model_dir))
+    if not path.is_file():
+        return False
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        saved_by = (f.metadata() or {}).get("objective", "?")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    missing, unexpected = objective.load_heads(state)
+    logger.info("loaded pretraining heads from %s (saved by objective %r)", path, saved_by)
+    if missing:
+        logger.warning("heads not in %s, freshly initialised: %s", path, ", ".join(missing))
+    if unexpected:
+        logger.warning("heads in %s that objective %r does not use: %s", path, objective.name, ", ".join(unexpected))
+    return True

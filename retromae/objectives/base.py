@@ -1,0 +1,127 @@
+"""The contract every pretraining objective follows, and the registry that finds them by name.
+
+An objective owns the encoder it trains (`self.encoder`, a Hugging Face masked-LM model), its own heads, and
+its batch preparation; the trainer, data streaming, checkpointing and export are shared. To add one, write
+one module in `retromae/objectives/` with a `Config` dataclass (subclassing `ObjectiveConfig`) and an
+`Objective` subclass decorated with `@register`, plus a recipe in `pretrain/`. Nothing else changes.
+
+The three methods the trainer calls:
+- `prepare(batch)`: the collated batch (`input_ids`, `attention_mask`, per-example `seeds`) -> model inputs.
+  Runs on the training device, vectorised; randomness comes from the seeds (see `retromae.rng`).
+- `num_items(batch)`: for each named loss, how many items (masked tokens, texts ...) it averages over in this
+  batch. The trainer sums these over processes and accumulation steps before the backward pass, so every
+  named loss is the mean over the whole global batch, however it is split.
+- `forward(batch)`: for each named loss, the *sum* of its per-item losses over this batch.
+Each named loss enters the total with weight `loss_weights.get(name, 1.0)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retromae.config import ConfigError, build
+from retromae.masking import TokenTables
+from retromae.modeling import base_model
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "retromae"  # which objective (a name registered in retromae/objectives)
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type[ObjectiveConfig]]
+
+    def __init__(self, encoder: nn.Module, tokenizer, config: ObjectiveConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.config = config
+        self.loss_weights: dict[str, float] = {}
+        tables = TokenTables.from_tokenizer(tokenizer, vocab_size=encoder.config.vocab_size)
+        # Buffers, so the tables follow the module to its device; not saved (they come from the tokenizer).
+        self.register_buffer("_special", tables.special, persistent=False)
+        self.register_buffer("_continuation", tables.continuation, persistent=False)
+        self.register_buffer("_replacement_ids", tables.replacement_ids, persistent=False)
+        self._mask_id, self._pad_id = tables.mask_id, tables.pad_id
+
+    @property
+    def tables(self) -> TokenTables:
+        return TokenTables(self._special, self._continuation, self._replacement_ids, self._mask_id, self._pad_id)
+
+    def prepare(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight except the encoder body's (MLM head, decoders, projectors): what continuing pretraining
+        needs beside the exported encoder. Weights tied to the body (the head's decoder matrix) are left out."""
+        body = base_model(self.encoder)
+        body_storage = {p.data_ptr() for p in body.parameters()}
+        body_names = {f"encoder.{self.encoder.base_model_prefix}.{k}" for k in body.state_dict()}
+        heads, seen = {}, set(body_storage)
+        for k, v in self.state_dict().items():
+            if k in body_names or v.data_ptr() in seen:
+                continue  # the body's, or another name for a tensor already kept (tied biases)
+            seen.add(v.data_ptr())
+            heads[k] = v.detach().cpu().contiguous()
+        return heads
+
+    def load_heads(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load weights saved by `heads_state_dict`; returns (heads not found in `state`, unused entries)."""
+        own = self.heads_state_dict()
+        missing = sorted(k for k in own if k not in state)
+        unexpected = sorted(k for k in state if k not in own)
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        return missing, unexpected
+
+
+def masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the MLM head at the given positions only: (N, D) states, (N,) labels.
+
+    Computing logits only where there is a label (not at every position, as `BertForMaskedLM` does) is what
+    keeps a vocabulary-sized projection from dominating the step.
+    """
+    if labels.numel() == 0:
+        return hidden.sum() * 0.0
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"objective {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def objective_class(name: str) -> type[Objective]:
+    from retromae import objectives  # noqa: F401  (imports every objective module, which registers it)
+
+    if name not in _REGISTRY:
+        raise ConfigError(f"objective.name={name!r} is not a known objective; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_objective_config(data, source: str = "<config>", lines: dict | None = None, path=("objective",)):
+    """The `objective:` section, typed by the `Config` of the objective it names."""
+    data = dict(data or {})
+    name = data.get("name", ObjectiveConfig.name)
+    try:
+        cls = objective_class(str(name))
+    except ConfigError as err:
+        line = (lines or {}).get(path + ("name",))
+        raise ConfigError(f"{source}:{line}: {err}" if line else f"{source}: {err}") from None
+    return build(cls.Config, data, source, lines, path)

@@ -1,0 +1,82 @@
+"""`retromae pretrain CONFIG.yaml [key=value ...]`: the config, the data, the objective, the loop, the export."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retromae.config import apply_overrides, build, load_yaml, to_dict
+from retromae.data.batches import StoreBatches, StreamBatches
+from retromae.data.examples import DataConfig, build_example_store, build_example_stream
+from retromae.export import export_model, load_heads_if_present
+from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
+from retromae.objectives import ObjectiveConfig, build_objective_config, objective_class
+from retromae.trainer import TrainConfig, Trainer, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the encoder to pretrain
+    data: DataConfig = field(default_factory=DataConfig)  # the corpus and how it is cut into examples
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # objective name and its settings
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimisation, precision, checkpoints, logging
+    export: bool = True  # write the encoder (Hugging Face + sentence-transformers) and heads at the end
+
+    _dynamic = {"objective": build_objective_config}
+
+
+def load_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> PretrainConfig:
+    data, lines = load_yaml(path) if path else ({}, {})
+    if base:
+        data = {**base, **data}
+    apply_overrides(data, list(overrides))
+    return build(PretrainConfig, data, source=str(path or "<overrides>"), lines=lines)
+
+
+def build_objective(cfg: PretrainConfig):
+    tokenizer = load_tokenizer(cfg.model)
+    encoder = load_masked_lm(cfg.model)
+    objective = objective_class(cfg.objective.name)(encoder, tokenizer, cfg.objective)
+    if Path(cfg.model.name_or_path).is_dir():
+        load_heads_if_present(objective, cfg.model.name_or_path)
+    return objective, tokenizer
+
+
+def build_batches(cfg: PretrainConfig, tokenizer, accelerator):
+    common = dict(
+        batch_size=cfg.train.per_device_batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=cfg.train.seed,
+        pad_id=tokenizer.pad_token_id,
+        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+    )
+    if cfg.data.streaming:
+        return StreamBatches(build_example_stream(cfg.data, tokenizer), shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    with accelerator.main_process_first():
+        store = build_example_store(cfg.data, tokenizer)
+    return StoreBatches(store, num_workers=cfg.data.num_workers, **common)
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.train)
+    set_seed(cfg.train.seed)
+    objective, tokenizer = build_objective(cfg)
+    batches = build_batches(cfg, tokenizer, accelerator)
+    if accelerator.is_main_process:
+        n = getattr(batches, "batches_per_epoch", None)
+        logger.info("objective %s, %s global batches per epoch", cfg.objective.name, n if n else "streamed")
+    trainer = Trainer(objective, batches, cfg.train, accelerator, run_config=to_dict(cfg))
+    history = trainer.train()
+    out = Path(cfg.train.output_dir) / "model"
+    if cfg.export and trainer.finished:
+        if accelerator.is_main_process:
+            export_model(trainer.objective, tokenizer, out, run_config=to_dict(cfg), max_seq_length=cfg.data.max_len)
+        accelerator.wait_for_everyone()
+    exported = cfg.export and trainer.finished
+    return {"history": history, "model_dir": str(out) if exported else None, "steps": trainer.step}

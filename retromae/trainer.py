@@ -1,0 +1,319 @@
+"""The shared training loop: one accelerate loop for every objective.
+
+Why not `transformers.Trainer`: every objective returns several named losses, each of which must be the
+mean over its own items (masked tokens of the encoder, decoded tokens ...) of the *global* batch, across
+processes and gradient-accumulation steps. Trainer normalises one loss by one item count. Here the loop
+sums each objective's `num_items` over all micro-batches and processes before the backward pass, then
+back-propagates sum / global count for every named loss. It runs on `accelerate` (devices, DDP, mixed
+precision, state checkpoints), uses transformers' schedulers, tqdm and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from retromae.config import ConfigError
+from retromae.data.batches import Position
+from retromae.hardware import resolve_precision
+from retromae.io import atomic_write_text, replace_directory
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/pretrain"  # checkpoints, TensorBoard logs and the exported model go here
+    seed: int = 42  # run seed: data order, masks, head initialisation, dropout
+    per_device_batch_size: int = 32  # examples per process in one micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the corpus (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; > 0 overrides epochs (needed for streamed corpora)
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay (not applied to biases and LayerNorm weights)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    warmup_ratio: float = 0.1  # share of the steps spent warming the learning rate up linearly
+    warmup_steps: int = 0  # warm-up steps; > 0 overrides warmup_ratio
+    scheduler: str = "linear"  # decay after warm-up: linear | cosine | constant_with_warmup (transformers names)
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    mixed_precision: str = "auto"  # auto (bf16 where the hardware has it) | no | bf16 | fp16
+    cpu: bool = False  # train on the CPU even when a GPU is present
+    logging_steps: int = 10  # log the named losses every N steps (console and TensorBoard)
+    save_steps: int = 0  # write a resumable checkpoint every N steps (0: none before the end)
+    save_total_limit: int = 2  # checkpoints kept; older ones are deleted
+    resume: str | None = None  # 'latest' (newest checkpoint in output_dir), a checkpoint folder, or null
+    stop_at_step: int = 0  # stop after this step with a checkpoint, schedule unchanged (job time limits); 0: off
+    report_to: str = "tensorboard"  # tensorboard | none
+    find_unused_parameters: bool = False  # DDP option for objectives whose heads are not all used every step
+
+    def validate(self) -> None:
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("train.per_device_batch_size and train.gradient_accumulation_steps must be >= 1")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"train.report_to={self.report_to!r} must be 'tensorboard' or 'none'")
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    device_type = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs"))
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
+    return Accelerator(
+        mixed_precision=resolve_precision(cfg.mixed_precision, device_type),
+        cpu=cfg.cpu,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=project,
+        kwargs_handlers=[ddp],
+    )
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights (BERT's recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Trains an objective over a batch source; saves resumable checkpoints; logs each named loss."""
+
+    def __init__(self, objective, batches, cfg: TrainConfig, accelerator, run_config: dict | None = None):
+        self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
+        self.run_config = run_config or {}
+        self.total_steps = self._total_steps()
+        optimizer = torch.optim.AdamW(
+            parameter_groups(objective, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+        )
+        from transformers import get_scheduler
+
+        warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * self.total_steps))
+        # Not passed through accelerator.prepare: its scheduler wrapper steps once per process per step,
+        # which would make the schedule depend on the number of processes.
+        self.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(objective, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.step, self.position = 0, Position()
+        self.history: list[dict] = []
+
+    @property
+    def objective(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        per_epoch = self.batches.batches_per_epoch
+        if per_epoch is None:
+            raise ConfigError("a streamed corpus has no known length: set train.max_steps")
+        return max(1, int(cfg.epochs * per_epoch) // cfg.gradient_accumulation_steps)
+
+    # ----- one optimizer step -------------------------------------------------------------------------
+    def prepare_batches(self, micro_batches: list[dict]) -> list[dict]:
+        """Move the micro-batches of one step to the device and let the objective prepare them (masking)."""
+        objective, device = self.objective, self.accelerator.device
+        with torch.no_grad():
+            return [objective.prepare(_to_device(b, device)) for b in micro_batches]
+
+    def accumulate_gradients(self, prepared: list[dict]) -> tuple[dict, dict]:
+        """Forward and backward over the prepared micro-batches of one step (gradients are left in .grad).
+
+        Returns ({name: local loss sum}, {name: global item count}). Every named loss enters the backward pass
+        as its local sum over the global item count, times the number of processes because DDP averages
+        gradients over processes: the gradient is that of the global mean, however the batch is split.
+        """
+        acc = self.accelerator
+        objective = self.objective
+        with torch.no_grad():
+            counts = [objective.num_items(b) for b in prepared]
+        names = list(counts[0])
+        local = torch.stack([sum(c[n] for c in counts).float() for n in names])
+        global_counts = dict(zip(names, acc.reduce(local, reduction="sum")))
+        weights = objective.loss_weights
+        sums = {n: torch.zeros((), device=acc.device) for n in names}
+        for j, batch in enumerate(prepared):
+            sync = j == len(prepared) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                losses = self.model(batch)
+                if set(losses) != set(names):
+                    raise RuntimeError(
+                        f"objective {objective.name!r}: forward() returned losses {sorted(losses)} but num_items() "
+                        f"counted {sorted(names)}; they must name the same losses"
+                    )
+                total = sum(
+                    weights.get(n, 1.0) * losses[n] / global_counts[n].clamp(min=1.0) for n in names
+                ) * acc.num_processes
+                acc.backward(total)
+            for n in names:
+                sums[n] += losses[n].detach().float()
+        return sums, global_counts
+
+    def optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ----- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """accelerate's state (weights as safetensors, optimizer, scheduler, every process's RNG) plus our data
+        position, written under a temporary name and renamed once complete."""
+        acc = self.accelerator
+        root = Path(self.cfg.output_dir) / "checkpoints"
+        final = root / f"checkpoint-{self.step}"
+        tmp = root / f".checkpoint-{self.step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "step": self.step,
+                "epoch": self.position.epoch,
+                "offset": self.position.offset,
+                "total_steps": self.total_steps,
+                "global_batch": self.cfg.per_device_batch_size * acc.num_processes,
+                "gradient_accumulation_steps": self.cfg.gradient_accumulation_steps,
+                "num_processes": acc.num_processes,
+                "config": self.run_config,
+            }
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            replace_directory(tmp, final)
+            for old in checkpoint_dirs(self.cfg.output_dir)[: -max(1, self.cfg.save_total_limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self, where: str) -> None:
+        if where == "latest":
+            found = checkpoint_dirs(self.cfg.output_dir)
+            if not found:
+                logger.info("no checkpoint in %s: starting fresh", self.cfg.output_dir)
+                return
+            path = found[-1]
+        else:
+            path = Path(where)
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise ConfigError(f"{path}: not a checkpoint (no trainer_state.json); train.resume takes 'latest' or a checkpoint folder")
+        state = json.loads(state_file.read_text())
+        global_batch = self.cfg.per_device_batch_size * self.accelerator.num_processes
+        if (state["global_batch"], state["gradient_accumulation_steps"], state["num_processes"]) != (
+            global_batch, self.cfg.gradient_accumulation_steps, self.accelerator.num_processes
+        ):
+            raise ConfigError(
+                f"{state_file}: the checkpoint was made with {state['num_processes']} process(es), global batch "
+                f"{state['global_batch']} and {state['gradient_accumulation_steps']} accumulation steps; resume with "
+                "the same settings, or the data order and random states would not continue exactly"
+            )
+        self.accelerator.load_state(str(path))
+        self.step = int(state["step"])
+        self.position = Position(int(state["epoch"]), int(state["offset"]))
+        if self.accelerator.is_main_process:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----- the loop ---------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.resume:
+            self.resume(cfg.resume)
+        if cfg.report_to != "none":
+            acc.init_trackers("pretrain")
+        self.model.train()
+        stream = self.batches.iterate(self.position)
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
+                        desc="pretrain", dynamic_ncols=True)
+        window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
+        stop = min(self.total_steps, self.cfg.stop_at_step or self.total_steps)
+        while self.step < stop:
+            micro = []
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch, self.position = next(stream)
+                micro.append(batch)
+            sums, counts = self.accumulate_gradients(self.prepare_batches(micro))
+            self.optimizer_step()
+            self.step += 1
+            progress.update(1)
+            window_samples += sum(b["input_ids"].shape[0] for b in micro) * acc.num_processes
+            if window_sums is None:
+                window_sums, window_counts = sums, counts
+            else:
+                window_sums = {n: window_sums[n] + sums[n] for n in sums}
+                window_counts = {n: window_counts[n] + counts[n] for n in counts}
+            last = self.step == stop
+            if self.step % max(1, cfg.logging_steps) == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                record = self._log(window_sums, window_counts, window_samples / max(elapsed, 1e-9))
+                progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})
+                window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
+            if (cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or last)) or (last and stop < self.total_steps):
+                self.save_checkpoint()
+        progress.close()
+        if cfg.report_to != "none":
+            acc.end_training()
+        return self.history
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def _log(self, sums: dict, counts: dict, samples_per_second: float) -> dict:
+        acc = self.accelerator
+        names = list(sums)
+        global_sums = acc.reduce(torch.stack([sums[n] for n in names]), reduction="sum")
+        means = {n: (global_sums[i] / counts[n].clamp(min=1.0)).item() for i, n in enumerate(names)}
+        weights = self.objective.loss_weights
+        record = {"loss": sum(weights.get(n, 1.0) * v for n, v in means.items())}
+        record.update({f"loss/{n}": v for n, v in means.items()})
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["samples_per_second"] = samples_per_second
+        self.history.append({"step": self.step, **record})
+        if self.cfg.report_to != "none":
+            acc.log(record, step=self.step)
+        if acc.is_main_process:
+            parts = "  ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in record.items() if k.startswith("loss"))
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {self.step:>6}/{self.total_steps}  {parts}  lr {record['lr']:.2e}  "
+                       f"{samples_per_second:.1f} samples/s")
+        return record

@@ -1,0 +1,59 @@
+"""Run under 1 or 2 processes: one RetroMAE training step's losses and gradients, then 3 steps' weights.
+
+Written by the main process to OUT (safetensors for tensors, JSON for numbers). Used by test_multiprocess.py.
+Usage: [accelerate launch ...] python ddp_probe.py MODEL_DIR CORPUS OUT_DIR PER_DEVICE_BATCH
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import tiny_config  # noqa: E402
+from retromae.pretrain import build_batches, build_objective  # noqa: E402
+from retromae.trainer import Trainer, make_accelerator  # noqa: E402
+
+
+def main(model_dir: str, corpus: str, out: str, per_device: int) -> None:
+    cfg = tiny_config(model_dir, corpus, out, model={"dropout": 0.0},
+                      train={"per_device_batch_size": per_device, "max_steps": 3, "lr": 2e-2, "warmup_ratio": 0.0})
+    accelerator = make_accelerator(cfg.train)
+    torch.manual_seed(0)
+    objective, tokenizer = build_objective(cfg)
+    batches = build_batches(cfg, tokenizer, accelerator)
+    trainer = Trainer(objective, batches, cfg.train, accelerator)
+    stream = batches.iterate(trainer.position)
+    record = {"num_processes": accelerator.num_processes, "steps": []}
+    for step in range(3):
+        batch, _ = next(stream)
+        prepared = trainer.prepare_batches([batch])
+        sums, counts = trainer.accumulate_gradients(prepared)
+        local_counts = objective.num_items(prepared[0])
+        global_sums = accelerator.reduce(torch.stack([sums[n] for n in sums]), reduction="sum")
+        means = {n: (global_sums[i] / counts[n]).item() for i, n in enumerate(sums)}
+        # What averaging per-process means would give instead of the global token mean:
+        local_means = torch.stack([sums[n] / local_counts[n] for n in sums])
+        naive = accelerator.reduce(local_means, reduction="mean")
+        record["steps"].append({
+            "means": means,
+            "naive": {n: naive[i].item() for i, n in enumerate(sums)},
+            "local_counts": accelerator.gather(torch.stack([local_counts[n] for n in sums])[None]).tolist(),
+        })
+        if step == 0:
+            grads = {f"grad.{k}": p.grad.detach().clone() for k, p in trainer.objective.named_parameters()
+                     if p.grad is not None}
+        trainer.optimizer_step()
+    if accelerator.is_main_process:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        final = {f"param.{k}": v.detach().clone().contiguous() for k, v in trainer.objective.named_parameters()}
+        safetensors.torch.save_file({**grads, **final}, str(Path(out) / "tensors.safetensors"))
+        (Path(out) / "record.json").write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
