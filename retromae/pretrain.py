@@ -10,7 +10,7 @@ from retromae.config import apply_overrides, build, load_yaml, to_dict
 from retromae.data.batches import StoreBatches, StreamBatches
 from retromae.data.examples import DataConfig, build_example_store, build_example_stream
 from retromae.export import export_model, load_heads_if_present
-from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
+from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer, resolve_model_path
 from retromae.objectives import ObjectiveConfig, build_objective_config, objective_class
 from retromae.trainer import TrainConfig, Trainer, make_accelerator
 
@@ -40,8 +40,9 @@ def build_objective(cfg: PretrainConfig):
     tokenizer = load_tokenizer(cfg.model)
     encoder = load_masked_lm(cfg.model)
     objective = objective_class(cfg.objective.name)(encoder, tokenizer, cfg.objective)
-    if Path(cfg.model.name_or_path).is_dir():
-        load_heads_if_present(objective, cfg.model.name_or_path)
+    path = resolve_model_path(cfg.model.name_or_path)
+    if Path(path).is_dir():
+        load_heads_if_present(objective, path)
     return objective, tokenizer
 
 

@@ -142,8 +142,14 @@ def read_tsv(path: str, fields: TextFields) -> Iterator[str]:
 
 
 def read_hf(name: str, fields: TextFields, config: str | None, split: str) -> Iterator[str]:
-    """Stream a Hugging Face dataset (hub name, local dataset folder, or a folder saved by save_to_disk)."""
+    """Stream a Hugging Face dataset (hub name, local dataset folder, or a folder saved by save_to_disk).
+
+    `name:config` picks a configuration per source (e.g. wikimedia/wikipedia:20231101.en), overriding `config`.
+    """
     import datasets
+
+    if ":" in name and not os.path.exists(name):
+        name, config = name.split(":", 1)
 
     if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")) and os.path.exists(
         os.path.join(name, "state.json")
