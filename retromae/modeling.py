@@ -63,7 +63,10 @@ def load_masked_lm(cfg: ModelConfig):
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, attr):
                 setattr(config, attr, cfg.dropout)
-    kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    # fp32 master weights whatever the checkpoint stores (transformers 5 would keep a fp16/bf16 checkpoint's dtype);
+    # mixed precision is autocast's job.
+    kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+              "dtype": torch.float32}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)

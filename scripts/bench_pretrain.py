@@ -68,9 +68,10 @@ class _FixedBatches:
 def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str):
     from transformers import AutoModelForMaskedLM
 
-    encoder = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    encoder = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     objective = objective_class(name)(encoder, tokenizer, build_objective_config({"name": name}))
-    cfg = TrainConfig(max_steps=10**6, lr=1e-5, mixed_precision=precision, report_to="none", cpu=True,
+    cfg = TrainConfig(max_steps=10**6, lr=1e-5, mixed_precision=precision, report_to="none",
+                      cpu=accelerator.device.type == "cpu",
                       max_grad_norm=1.0)
     return Trainer(objective, _FixedBatches(), cfg, accelerator)
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its package)")
     args = parser.parse_args()
 
     import transformers
@@ -104,7 +106,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     precision = resolve_precision(args.precision, args.device)
-    model_dir = minilm_path()
+    model_dir = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_examples = load_features(tokenizer, args.length, args.batch * (args.rounds * args.steps + 1))
     examples = [row["input_ids"] for row in hf_examples]
@@ -117,7 +119,8 @@ def main() -> None:
     ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision) for name in ("retromae", "mlm")}
 
     # Hugging Face's standard MLM, as its users run it (whole-word masking needs offset mappings).
-    hf_model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa").to(device).train()
+    hf_model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+    hf_model = hf_model.to(device).train()
     hf_optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-5)
     hf_collator = DataCollatorForLanguageModeling(tokenizer, whole_word_mask=True, mlm_probability=0.3)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

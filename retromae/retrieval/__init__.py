@@ -1,0 +1,1 @@
+"""Retrieval evaluation: encode, index with FAISS, search, score with trec_eval semantics."""

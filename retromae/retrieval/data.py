@@ -1,0 +1,223 @@
+"""Retrieval collections: BEIR folders (local or on the Hugging Face hub) and MS MARCO passage TSVs.
+
+Read by hand, line by line, so that a malformed line, a qrel pointing to an unknown id or an empty query set
+is reported with its file and line; BEIR's `GenericDataLoader` reads the same layout but names neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retromae.data.corpus import CorpusError, _lines
+
+
+@dataclass
+class RetrievalData:
+    """A corpus, a query set and its judgements."""
+
+    name: str
+    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
+    queries: dict[str, str]  # query id -> text
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
+    sources: dict[str, str] = field(default_factory=dict)  # what was read from where
+
+    def passages(self, title_separator: str = " ") -> tuple[list[str], list[str]]:
+        """(doc ids, texts), the text being title + separator + text when there is a title."""
+        ids = list(self.corpus)
+        texts = []
+        for doc in self.corpus.values():
+            title = (doc.get("title") or "").strip()
+            texts.append(f"{title}{title_separator}{doc['text']}" if title else doc["text"])
+        return ids, texts
+
+
+def _json_lines(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    rows = []
+    for number, line in _lines(str(path)):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise CorpusError(f"{path}:{number}: expected a JSON object")
+        for key in required:
+            if key not in record:
+                raise CorpusError(f"{path}:{number}: no '{key}' field (fields: {', '.join(record) or 'none'})")
+        rows.append((number, record))
+    return rows
+
+
+def read_beir_corpus(path: Path) -> dict[str, dict[str, str]]:
+    corpus = {}
+    for number, record in _json_lines(path, ("_id", "text")):
+        doc_id = str(record["_id"])
+        if doc_id in corpus:
+            raise CorpusError(f"{path}:{number}: document id {doc_id!r} appears twice")
+        corpus[doc_id] = {"title": str(record.get("title") or ""), "text": str(record["text"] or "")}
+    return corpus
+
+
+def read_beir_queries(path: Path) -> dict[str, str]:
+    queries = {}
+    for number, record in _json_lines(path, ("_id", "text")):
+        text = str(record["text"] or "").strip()
+        if not text:
+            raise CorpusError(f"{path}:{number}: query {record['_id']!r} is empty")
+        queries[str(record["_id"])] = text
+    return queries
+
+
+def read_qrels_tsv(path: Path) -> list[tuple[int, str, str, int]]:
+    """BEIR qrels: header `query-id corpus-id score`, tab-separated. Returns (line, qid, docid, grade)."""
+    rows = []
+    for number, line in _lines(str(path)):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if number == 1 and parts[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(parts) == 4:  # TREC layout: qid 0 docid grade
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise CorpusError(f"{path}:{number}: expected 'query-id<TAB>corpus-id<TAB>score', got {line!r}")
+        try:
+            grade = int(float(parts[2]))
+        except ValueError:
+            raise CorpusError(f"{path}:{number}: score {parts[2]!r} is not a number") from None
+        rows.append((number, parts[0].strip(), parts[1].strip(), grade))
+    return rows
+
+
+def read_trec_qrels(path: Path) -> list[tuple[int, str, str, int]]:
+    """TREC qrels (`qid 0 docid grade`, whitespace-separated), as MS MARCO ships them."""
+    rows = []
+    for number, line in _lines(str(path)):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 4:
+            raise CorpusError(f"{path}:{number}: expected 'qid 0 docid grade', got {line!r}")
+        try:
+            grade = int(parts[3])
+        except ValueError:
+            raise CorpusError(f"{path}:{number}: grade {parts[3]!r} is not an integer") from None
+        rows.append((number, parts[0], parts[2], grade))
+    return rows
+
+
+def build_qrels(rows, path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    for number, qid, doc_id, grade in rows:
+        if qid not in queries:
+            raise CorpusError(f"{path}:{number}: query id {qid!r} is not in the query file")
+        if doc_id not in corpus:
+            raise CorpusError(f"{path}:{number}: document id {doc_id!r} is not in the corpus")
+        qrels.setdefault(qid, {})[doc_id] = grade
+    if not qrels:
+        raise CorpusError(f"{path}: no judgements, so there is no query to evaluate")
+    return qrels
+
+
+def load_beir_folder(folder: str | Path, split: str = "test") -> RetrievalData:
+    folder = Path(folder)
+    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    for path in (corpus_path, queries_path, qrels_path):
+        if not path.is_file():
+            hint = ""
+            if path == qrels_path and (folder / "qrels").is_dir():
+                hint = f" (splits here: {', '.join(sorted(p.stem for p in (folder / 'qrels').glob('*.tsv')))})"
+            raise CorpusError(f"{path}: file not found{hint}")
+    corpus = read_beir_corpus(corpus_path)
+    queries = read_beir_queries(queries_path)
+    qrels = build_qrels(read_qrels_tsv(qrels_path), qrels_path, corpus, queries)
+    queries = {qid: queries[qid] for qid in qrels}
+    return RetrievalData(folder.name, corpus, queries, qrels,
+                         {"corpus": str(corpus_path), "queries": str(queries_path), "qrels": str(qrels_path)})
+
+
+def _read_id_text_tsv(path: Path, what: str) -> dict[str, str]:
+    rows = {}
+    for number, line in _lines(str(path)):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise CorpusError(f"{path}:{number}: expected 'id<TAB>{what}', got {line[:80]!r}")
+        rows[parts[0].strip()] = parts[-1].strip()
+    return rows
+
+
+def load_msmarco_folder(folder: str | Path, split: str = "dev.small", title_separator: str | None = None) -> RetrievalData:
+    """MS MARCO passage: collection.tsv, queries.<split>.tsv, qrels.<split>.tsv (TREC), and optionally
+    para.title.tsv (pid<TAB>title) for the `title [SEP] text` convention of RocketQA / Tevatron."""
+    folder = Path(folder)
+    collection, queries_path, qrels_path = (folder / "collection.tsv", folder / f"queries.{split}.tsv",
+                                            folder / f"qrels.{split}.tsv")
+    for path in (collection, queries_path, qrels_path):
+        if not path.is_file():
+            raise CorpusError(f"{path}: file not found")
+    texts = _read_id_text_tsv(collection, "passage")
+    titles = {}
+    title_file = folder / "para.title.tsv"
+    if title_separator is not None and title_file.is_file():
+        titles = {pid: t for pid, t in _read_id_text_tsv(title_file, "title").items() if t and t != "-"}
+    corpus = {pid: {"title": titles.get(pid, ""), "text": text} for pid, text in texts.items()}
+    queries = _read_id_text_tsv(queries_path, "query")
+    if not queries:
+        raise CorpusError(f"{queries_path}: no queries")
+    qrels = build_qrels(read_trec_qrels(qrels_path), qrels_path, corpus, queries)
+    queries = {qid: queries[qid] for qid in qrels}
+    return RetrievalData("msmarco", corpus, queries, qrels,
+                         {"corpus": str(collection), "queries": str(queries_path), "qrels": str(qrels_path)})
+
+
+def load_beir_hub(name: str, split: str = "test") -> RetrievalData:
+    """A BEIR dataset from the Hugging Face hub: BeIR/<name> (corpus, queries) and BeIR/<name>-qrels."""
+    import datasets
+
+    base = name if "/" in name else f"BeIR/{name}"
+    try:
+        corpus_rows = datasets.load_dataset(base, "corpus", split="corpus")
+        query_rows = datasets.load_dataset(base, "queries", split="queries")
+        qrel_rows = datasets.load_dataset(f"{base}-qrels", split=split)
+    except Exception as err:  # hub client errors come in many types; all mean "not available"
+        raise CorpusError(f"{base}: cannot load from the Hugging Face hub ({err})") from err
+    corpus = {str(r["_id"]): {"title": r.get("title") or "", "text": r["text"] or ""} for r in corpus_rows}
+    queries = {str(r["_id"]): r["text"] for r in query_rows}
+    rows = [(i + 1, str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for i, r in enumerate(qrel_rows)]
+    qrels = build_qrels(rows, Path(f"{base}-qrels/{split}"), corpus, queries)
+    queries = {qid: queries[qid] for qid in qrels}
+    return RetrievalData(base.split("/")[-1], corpus, queries, qrels, {"hub": base})
+
+
+def load_dataset(name_or_path: str, split: str | None = None, title_separator: str = " ") -> RetrievalData:
+    """A local BEIR folder, a local MS MARCO folder (collection.tsv ...), or a BEIR dataset on the hub."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if (path / "collection.tsv").is_file():
+            return load_msmarco_folder(path, split or "dev.small", title_separator)
+        return load_beir_folder(path, split or "test")
+    if os.sep in name_or_path or name_or_path.startswith("."):
+        raise CorpusError(f"{name_or_path}: no such folder")
+    return load_beir_hub(name_or_path, split or "test")
+
+
+def write_trec_run(path: str | Path, run: dict[str, dict[str, float]], name: str = "retromae") -> None:
+    """The run in TREC format (qid Q0 docid rank score name), ranks in trec_eval's order."""
+    from retromae.io import atomic_write_text
+    from retromae.retrieval.metrics import top_k_trec_order
+
+    lines = []
+    for qid, docs in run.items():
+        for rank, (doc_id, score) in enumerate(top_k_trec_order(docs, len(docs)).items(), start=1):
+            lines.append(f"{qid} Q0 {doc_id} {rank} {score:.6f} {name}\n")
+    atomic_write_text(path, "".join(lines))
+
+
+

