@@ -1,4 +1,5 @@
-"""Command line: `retromae pretrain CONFIG.yaml [key=value ...]`, `retromae evaluate`, `retromae encode`, `retromae demo`.
+"""Command line: `retromae pretrain | finetune CONFIG.yaml [key=value ...]`, `retromae evaluate`, `retromae mine`,
+`retromae encode`, `retromae demo`.
 
 Runs the same under `accelerate launch -m retromae ...` on one CPU or many GPUs.
 """
@@ -22,6 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain an encoder with a masked-autoencoder objective")
     p.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_nfcorpus_small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 objective.decoding=basic")
+    f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
+    f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
+    m = sub.add_parser("mine", help="mine hard negatives for every training query with a model's dense retrieval")
+    m.add_argument("--model", required=True, help="the model that retrieves (e.g. the stage-1 fine-tuned model)")
+    m.add_argument("--data", required=True, help="BEIR folder (qrels split) or MS MARCO folder with training queries")
+    m.add_argument("--output", required=True, help="the mined training file (JSON lines)")
+    m.add_argument("--split", default="train", help="qrels split of a BEIR folder")
+    m.add_argument("--depth", type=int, default=100, help="negatives kept per query")
+    m.add_argument("--skip-top", type=int, default=0, help="ranks skipped after removing positives")
+    m.add_argument("--index", default="Flat", help="faiss factory string")
+    m.add_argument("--title-separator", default=" ")
+    _add_encode_arguments(m)
     d = sub.add_parser("demo", help="pretrain all-MiniLM-L6-v2 with RetroMAE on standard-library docstrings")
     d.add_argument("--output-dir", default="runs/demo", help="where the corpus, logs and model go")
     d.add_argument("--config", default=None, help="recipe to use instead of pretrain/demo.yaml")
@@ -42,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-index", default="auto", choices=["auto", "true", "false"], help="faiss index on GPUs")
     e.add_argument("--keep-identical-ids", action="store_true", help="do not drop documents whose id is the query id")
     e.add_argument("--title-separator", default=None, help='between title and text (default " ")')
+    e.add_argument("--representation", default="dense", choices=["dense", "dupmae"],
+                   help="dupmae: [W h ; top-k mu] scored as dense dot + sparse dot")
+    e.add_argument("--hybrid-search", default="exact", choices=["exact", "pooled"],
+                   help="dupmae: exact sparse product, or a FAISS pool re-scored (large corpora)")
+    e.add_argument("--candidate-pool", type=int, default=1000, help="dupmae pooled search: candidates per query")
     c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)")
     c.add_argument("--model", required=True)
     c.add_argument("--corpus", required=True, help="BEIR / MS MARCO folder, or a BEIR corpus.jsonl")
@@ -83,7 +102,8 @@ def _evaluate(args) -> None:
     from retromae.retrieval.evaluate import SearchConfig, check_metrics, evaluate_model, format_table, load_suite, run_suite
 
     search_overrides = {"depth": args.depth, "index": args.index, "use_gpu": args.gpu_index,
-                        "ignore_identical_ids": not args.keep_identical_ids}
+                        "ignore_identical_ids": not args.keep_identical_ids, "representation": args.representation,
+                        "hybrid_search": args.hybrid_search, "candidate_pool": args.candidate_pool}
     if args.metrics:
         check_metrics(args.metrics)
         search_overrides["metrics"] = args.metrics
@@ -148,6 +168,18 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "encode":
             _encode(args)
+        elif args.command == "finetune":
+            from retromae.finetune.run import load_finetune_config, run as run_finetune
+
+            run_finetune(load_finetune_config(args.config, args.overrides))
+        elif args.command == "mine":
+            from retromae.finetune.mine import MineConfig, mine_negatives
+
+            summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
+                                     MineConfig(args.depth, args.skip_top, args.index, args.title_separator))
+            if summary:
+                print(f"mined {summary['negatives_per_query']:.1f} negatives for each of {summary['queries']} "
+                      f"queries into {summary['output']}")
     except USER_ERRORS as err:
         print(f"retromae: error: {err}", file=sys.stderr)
         return 2

@@ -63,9 +63,12 @@ def split_first_sentence(text: str) -> tuple[str, str]:
     return sentences[0], " ".join(sentences[1:])
 
 
-def write_retrieval_task(records: list[dict], folder: str | Path, min_rest_words: int = 8) -> int:
+def write_retrieval_task(records: list[dict], folder: str | Path, min_rest_words: int = 8, train_every: int = 0) -> int:
     """A BEIR-layout retrieval task from docstrings: the query is a docstring's first sentence, its one relevant
-    passage the rest of the docstring (no title, so the name gives nothing away). Returns the query count."""
+    passage the rest of the docstring (no title, so the name gives nothing away). Returns the query count.
+
+    With `train_every` = n > 0, every n-th query goes to qrels/train.tsv instead of qrels/test.tsv (the corpus
+    holds all passages either way)."""
     folder = Path(folder)
     corpus, queries, qrels = [], [], []
     for r in records:
@@ -78,8 +81,14 @@ def write_retrieval_task(records: list[dict], folder: str | Path, min_rest_words
         qrels.append(f"{query_id}\t{doc_id}\t1\n")
     atomic_write_text(folder / "corpus.jsonl", "".join(json.dumps(c) + "\n" for c in corpus))
     atomic_write_text(folder / "queries.jsonl", "".join(json.dumps(q) + "\n" for q in queries))
-    atomic_write_text(folder / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\n" + "".join(qrels))
-    return len(queries)
+    header = "query-id\tcorpus-id\tscore\n"
+    if train_every > 0:
+        train = [q for i, q in enumerate(qrels) if i % train_every == 0]
+        test = [q for i, q in enumerate(qrels) if i % train_every != 0]
+        atomic_write_text(folder / "qrels" / "train.tsv", header + "".join(train))
+        qrels = test
+    atomic_write_text(folder / "qrels" / "test.tsv", header + "".join(qrels))
+    return len(qrels)
 
 
 def minilm_path() -> str:
@@ -97,12 +106,27 @@ def evaluate_on_task(model: str, task: Path, pooling: str, normalize: bool) -> d
 
 
 TASK_METRICS = ("ndcg@10", "mrr@10", "recall@100")
+FINETUNE_RECIPE = "demo_finetune.yaml"  # in finetune/
+
+
+def finetune_on_task(model: str, task: Path, output_dir: Path, overrides: list[str] = ()) -> str:
+    from retromae.finetune.run import load_finetune_config, run
+
+    recipe = RECIPES.parent / "finetune" / FINETUNE_RECIPE
+    cfg = load_finetune_config(str(recipe), [f"model.name_or_path={json.dumps(model)}",
+                                             f"data.train={json.dumps(str(task))}",
+                                             f"train.output_dir={json.dumps(str(output_dir))}", *overrides])
+    result = run(cfg)
+    history = result["history"]
+    print(f"contrastive loss went from {history[0]['loss']:.3f} to {history[-1]['loss']:.3f}")
+    return result["model_dir"]
 
 
 def run_demo(output_dir: str = "runs/demo", config: str | None = None, overrides: list[str] = (),
              task_queries: int = 1500) -> dict:
-    """Build the corpus and a retrieval task from it, score all-MiniLM-L6-v2 on the task, pretrain it with
-    RetroMAE, score the result, and print both."""
+    """The whole pipeline on a built-in default: build a corpus and a retrieval task from the standard library's
+    docstrings, pretrain all-MiniLM-L6-v2 with RetroMAE, fine-tune it contrastively on the task's training
+    queries, and score every stage on the task's test queries (with fine-tuning alone as the control)."""
     from retromae.pretrain import load_config, run
     from retromae.retrieval.evaluate import format_table
 
@@ -111,29 +135,33 @@ def run_demo(output_dir: str = "runs/demo", config: str | None = None, overrides
     corpus = out / "corpus.jsonl"
     atomic_write_text(corpus, "".join(json.dumps(r) + "\n" for r in records))
     task = out / "docstring-retrieval"
-    n = write_retrieval_task(records[: int(task_queries * len(records) / 3100) + 1], task)
-    print(f"built a corpus of {len(records)} standard-library docstrings at {corpus}, and a retrieval task of "
-          f"{n} queries (a docstring's first sentence -> the rest of it) at {task}")
+    n = write_retrieval_task(records[: int(task_queries * len(records) / 3100) + 1], task, train_every=2)
+    print(f"built a corpus of {len(records)} standard-library docstrings at {corpus}, and a retrieval task at {task}: "
+          f"a docstring's first sentence -> the rest of it; half the queries train, {n} test")
 
     cfg = load_config(config or str(RECIPES / "demo.yaml"), [
         f"data.corpus=[{json.dumps(str(corpus))}]", f"train.output_dir={json.dumps(str(out / 'pretrain'))}",
         *overrides])
     base = cfg.model.name_or_path
-    print("\nscoring the model before pretraining ...")
-    rows = [
-        {**evaluate_on_task(base, task, "mean", True),
-         "encoder": "all-MiniLM-L6-v2, its own mean pooling, normalised (reference)"},
-        {**evaluate_on_task(base, task, "cls", False), "encoder": "all-MiniLM-L6-v2 before pretraining, CLS, dot product"},
-    ]
+    rows = []
+
+    def score(label: str, model: str, pooling: str = "cls", normalize: bool = False) -> None:
+        rows.append({**evaluate_on_task(model, task, pooling, normalize), "encoder": label})
+
+    print("\nscoring all-MiniLM-L6-v2 ...")
+    score("all-MiniLM-L6-v2, its own mean pooling (reference)", base, "mean", True)
+    score("all-MiniLM-L6-v2, CLS", base)
     print("\npretraining with RetroMAE ...")
     result = run(cfg)
     history = result["history"]
     print(f"loss went from {history[0]['loss']:.3f} (step {history[0]['step']}) to {history[-1]['loss']:.3f} "
           f"(step {history[-1]['step']}); exported model: {result['model_dir']}")
-    print("\nscoring the model after pretraining ...")
-    rows.append({**evaluate_on_task(result["model_dir"], task, "cls", False),
-                 "encoder": "after RetroMAE pretraining, CLS, dot product"})
+    score("after RetroMAE pretraining, CLS", result["model_dir"])
+    print("\nfine-tuning the pretrained model ...")
+    score("pretrained + fine-tuned, CLS", finetune_on_task(result["model_dir"], task, out / "finetune"))
+    print("\nfine-tuning all-MiniLM-L6-v2 without pretraining (control) ...")
+    score("fine-tuned only (control), CLS", finetune_on_task(base, task, out / "finetune_control"))
     table = format_table(rows, list(TASK_METRICS), first="encoder")
     atomic_write_text(out / "results.md", table)
-    print(f"\nretrieval on {n} docstring queries, {n} passages:\n\n{table}")
+    print(f"\nretrieval on the {n} test queries ({n} relevant passages among the task's corpus):\n\n{table}")
     return {**result, "scores": rows}

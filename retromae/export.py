@@ -28,30 +28,65 @@ def _quiet_transformers():
         transformers.logging.set_verbosity(level)
 
 
+def write_encoder(body, tokenizer, folder: Path, max_seq_length: int, pooling: str = "cls",
+                  normalize: bool = False) -> None:
+    """Write an encoder body into `folder` as a Hugging Face model (config.json, model.safetensors, tokenizer)
+    that is also a sentence-transformers model (modules.json, 1_Pooling/ [, 2_Normalize/])."""
+    from sentence_transformers import SentenceTransformer, models
+
+    with _quiet_transformers():
+        body.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        transformer = models.Transformer(str(folder), max_seq_length=max_seq_length)
+        dimension = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+        modules = [transformer, models.Pooling(dimension(), pooling_mode=pooling)]
+        if normalize:
+            modules.append(models.Normalize())
+        SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+
+
 def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512,
                  pooling: str = "cls") -> Path:
-    """Write `out_dir` atomically:
+    """Write a pretrained encoder to `out_dir` atomically:
     - config.json, model.safetensors, tokenizer files: the encoder body (`AutoModel.from_pretrained(out_dir)`);
     - modules.json, 1_Pooling/ ...: the same weights as a sentence-transformers model (`SentenceTransformer(out_dir)`);
     - pretraining/heads.safetensors and pretraining/config.yaml: the MLM head and the objective's own heads,
       loaded again when `model.name_or_path` points at this folder.
     """
-    from sentence_transformers import SentenceTransformer, models
-
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp, _quiet_transformers():
-        base_model(objective.encoder).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        transformer = models.Transformer(str(tmp), max_seq_length=max_seq_length)
-        dimension = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
-        pool = models.Pooling(dimension(), pooling_mode=pooling)
-        SentenceTransformer(modules=[transformer, pool], device="cpu").save(str(tmp))
+    with atomic_directory(out_dir) as tmp:
+        write_encoder(base_model(objective.encoder), tokenizer, tmp, max_seq_length, pooling)
         heads = Path(heads_path(str(tmp)))
         heads.parent.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(objective.heads_state_dict(), str(heads), metadata={"objective": objective.name})
         if run_config is not None:
             dump_yaml(run_config, heads.parent / "config.yaml")
     logger.info("exported the encoder to %s", out_dir)
+    return out_dir
+
+
+def export_bi_encoder(bi_encoder, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512) -> Path:
+    """Write a fine-tuned bi-encoder atomically: the (passage) encoder at `out_dir` as a Hugging Face and
+    sentence-transformers model with the pooling and normalisation it was trained with; with separate encoders,
+    the query encoder likewise in `out_dir/query_encoder`."""
+    out_dir = Path(out_dir)
+    cfg = bi_encoder.cfg
+    normalize = cfg.similarity == "cosine"
+    with atomic_directory(out_dir) as tmp:
+        if cfg.representation == "dupmae":  # the body, plus dupmae/ (MLM head, W) for `--representation dupmae`
+            write_encoder(base_model(bi_encoder.encoder.mlm), tokenizer, tmp, max_seq_length, "cls", False)
+            bi_encoder.encoder.save(tmp / "dupmae")
+            if run_config is not None:
+                dump_yaml(run_config, tmp / "finetune_config.yaml")
+            return out_dir
+        write_encoder(bi_encoder.encoder, tokenizer, tmp, max_seq_length, cfg.pooling, normalize)
+        if bi_encoder.query_encoder is not None:
+            (tmp / "query_encoder").mkdir()
+            write_encoder(bi_encoder.query_encoder, tokenizer, tmp / "query_encoder", max_seq_length, cfg.pooling,
+                          normalize)
+        if run_config is not None:
+            dump_yaml(run_config, tmp / "finetune_config.yaml")
+    logger.info("exported the bi-encoder to %s", out_dir)
     return out_dir
 
 

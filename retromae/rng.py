@@ -48,10 +48,20 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
+def mix32_int(x: int) -> int:
+    """`mix32` on a Python integer (for scalars: no tensor, so no host-to-device copy on a GPU)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
 def example_seeds(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
     """One 32-bit seed (int32) per example from the run seed, the epoch and the example's index in the corpus."""
-    key = mix32(mix32(to_int32(seed)) ^ to_int32(epoch))
-    return mix32(key + to_int32(indices) * _GOLDEN)
+    key = _signed(mix32_int(mix32_int(seed) ^ (epoch & MASK32)))
+    return mix32(to_int32(indices) * _GOLDEN + key)
 
 
 def uniform(seeds: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.Tensor:
@@ -62,7 +72,7 @@ def uniform(seeds: torch.Tensor, stream: int, counters: torch.Tensor) -> torch.T
     example gets the same numbers whatever batch, process or device it is in. The result has the shape of
     counters broadcast against (B, 1, ...).
     """
-    keys = mix32(to_int32(seeds) ^ mix32(to_int32(stream, seeds.device)))
+    keys = mix32(to_int32(seeds) ^ _signed(mix32_int(stream)))
     keys = keys.view(-1, *([1] * (counters.dim() - 1)))
     h = mix32(keys + to_int32(counters) * _GOLDEN)
     return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))

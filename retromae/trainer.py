@@ -101,6 +101,12 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _examples(batch: dict) -> int:
+    """Examples in a micro-batch: the leading size of its first tensor (texts for pretraining, queries for
+    fine-tuning)."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -108,8 +114,12 @@ def _to_device(batch: dict, device) -> dict:
 class Trainer:
     """Trains an objective over a batch source; saves resumable checkpoints; logs each named loss."""
 
-    def __init__(self, objective, batches, cfg: TrainConfig, accelerator, run_config: dict | None = None):
+    def __init__(self, objective, batches, cfg: TrainConfig, accelerator, run_config: dict | None = None,
+                 callbacks: list | None = None):
+        """`callbacks`: functions called with the trainer after every optimizer step, on every process
+        (e.g. evaluation on a dev set and keeping the best model)."""
         self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
+        self.callbacks = list(callbacks or [])
         self.run_config = run_config or {}
         self.total_steps = self._total_steps()
         optimizer = torch.optim.AdamW(
@@ -165,7 +175,7 @@ class Trainer:
         local = torch.stack([sum(c[n] for c in counts).float() for n in names])
         global_counts = dict(zip(names, acc.reduce(local, reduction="sum")))
         weights = objective.loss_weights
-        sums = {n: torch.zeros((), device=acc.device) for n in names}
+        sums = {n: torch.zeros((), dtype=torch.float64, device=acc.device) for n in names}
         for j, batch in enumerate(prepared):
             sync = j == len(prepared) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
@@ -180,7 +190,7 @@ class Trainer:
                 ) * acc.num_processes
                 acc.backward(total)
             for n in names:
-                sums[n] += losses[n].detach().float()
+                sums[n] += losses[n].detach().double()  # logged sums in float64: exact to report
         return sums, global_counts
 
     def optimizer_step(self) -> None:
@@ -262,7 +272,7 @@ class Trainer:
         self.model.train()
         stream = self.batches.iterate(self.position)
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
-                        desc="pretrain", dynamic_ncols=True)
+                        desc=self.objective.name, dynamic_ncols=True)
         window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
         stop = min(self.total_steps, self.cfg.stop_at_step or self.total_steps)
         while self.step < stop:
@@ -274,7 +284,7 @@ class Trainer:
             self.optimizer_step()
             self.step += 1
             progress.update(1)
-            window_samples += sum(b["input_ids"].shape[0] for b in micro) * acc.num_processes
+            window_samples += sum(_examples(b) for b in micro) * acc.num_processes
             if window_sums is None:
                 window_sums, window_counts = sums, counts
             else:
@@ -288,6 +298,8 @@ class Trainer:
                 window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
             if (cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or last)) or (last and stop < self.total_steps):
                 self.save_checkpoint()
+            for callback in self.callbacks:
+                callback(self)
         progress.close()
         if cfg.report_to != "none":
             acc.end_training()

@@ -22,7 +22,9 @@ the projection + log-softmax at every ordinary token, since the decoder predicts
 from our MLM's ~2.6x down to ~1.1x hf-mlm. Masking costs well under 1% of the step (the decoder's per-row
 masks are built from counter-based hashes on the device; the reference collator's Python loop took 11-16%).
 
-Usage: python scripts/bench_pretrain.py [--rounds 3] [--steps 3] [--precision auto|no|bf16]
+With --objectives all, every objective of the toolkit runs beside them (DupMAE, COSTA, the bag-of-words decoders).
+
+Usage: python scripts/bench_pretrain.py [--rounds 3] [--steps 3] [--precision auto|no|bf16] [--objectives all]
 """
 
 from __future__ import annotations
@@ -65,29 +67,44 @@ class _FixedBatches:
     batches_per_epoch = 1
 
 
+# Every objective, as its recipe runs it (name -> objective section).
+OBJECTIVES = {
+    "retromae": {"name": "retromae"},
+    "mlm": {"name": "mlm"},
+    "dupmae": {"name": "dupmae"},
+    "costa": {"name": "costa"},
+    "bow-contrastive": {"name": "bow"},
+    "bow-prediction": {"name": "bow", "views": 1, "decoder": "mlm_head", "contrast_weight": 0.0},
+}
+
+
 def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str):
     from transformers import AutoModelForMaskedLM
 
     encoder = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    objective = objective_class(name)(encoder, tokenizer, build_objective_config({"name": name}))
+    spec = OBJECTIVES[name]
+    objective = objective_class(spec["name"])(encoder, tokenizer, build_objective_config(spec))
     cfg = TrainConfig(max_steps=10**6, lr=1e-5, mixed_precision=precision, report_to="none",
                       cpu=accelerator.device.type == "cpu",
                       max_grad_norm=1.0)
     return Trainer(objective, _FixedBatches(), cfg, accelerator)
 
 
-def ours_step(trainer, examples, batch_index: int, pad_id: int, timings: dict, sync) -> None:
+def ours_step(trainer, examples, batch_index: int, pad_id: int, timings: dict | None = None, sync=None) -> None:
+    """One training step as the Trainer runs it. With `timings`, the batch preparation (collate + masking) is
+    synchronised and timed apart from the rest; without, nothing waits for the device inside the step."""
     t0 = time.perf_counter()
     batch = collate(examples, list(range(len(examples))), batch_index, 0, pad_id, 8)
     prepared = trainer.prepare_batches([batch])
-    sync()
-    t1 = time.perf_counter()
+    if timings is not None:
+        sync()
+        t1 = time.perf_counter()
     trainer.accumulate_gradients(prepared)
     trainer.optimizer_step()
-    sync()
-    t2 = time.perf_counter()
-    timings.setdefault("prepare", []).append(t1 - t0)
-    timings.setdefault("rest", []).append(t2 - t1)
+    if timings is not None:
+        sync()
+        timings.setdefault("prepare", []).append(t1 - t0)
+        timings.setdefault("rest", []).append(time.perf_counter() - t1)
 
 
 def main() -> None:
@@ -99,7 +116,13 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its package)")
+    parser.add_argument("--objectives", default="retromae,mlm",
+                        help=f"comma-separated, or 'all': {', '.join(OBJECTIVES)}")
+    parser.add_argument("--markdown", default=None, help="also write the table here (Markdown)")
     args = parser.parse_args()
+    names = list(OBJECTIVES) if args.objectives == "all" else args.objectives.split(",")
+    if "retromae" not in names:
+        names.insert(0, "retromae")  # the ratio and the preparation share are RetroMAE's
 
     import transformers
     from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
@@ -116,7 +139,7 @@ def main() -> None:
     accelerator = make_accelerator(TrainConfig(mixed_precision=precision, report_to="none",
                                                cpu=args.device == "cpu"))
     device = accelerator.device
-    ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision) for name in ("retromae", "mlm")}
+    ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision) for name in names}
 
     # Hugging Face's standard MLM, as its users run it (whole-word masking needs offset mappings).
     hf_model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
@@ -141,14 +164,13 @@ def main() -> None:
 
     # Warm-up: one step each (allocator, kernels, lazy initialisation).
     for name, trainer in ours.items():
-        ours_step(trainer, batches[0], 0, tokenizer.pad_token_id, {}, sync)
+        ours_step(trainer, batches[0], 0, tokenizer.pad_token_id)
     hf_step(0)
 
-    rates = {"ours-retromae": [], "ours-mlm": [], "hf-mlm": []}
-    prepare_share = []
+    rates = {**{f"ours-{n}": [] for n in names}, "hf-mlm": []}
+    prepare_share: list[float] = []
     for r in range(args.rounds):
         for contender in rates:
-            timings: dict = {}
             sync()
             start = time.perf_counter()
             for s in range(args.steps):
@@ -156,22 +178,30 @@ def main() -> None:
                 if contender == "hf-mlm":
                     hf_step(index)
                 else:
-                    ours_step(ours[contender.removeprefix("ours-")], batches[index], index,
-                              tokenizer.pad_token_id, timings, sync)
+                    ours_step(ours[contender.removeprefix("ours-")], batches[index], index, tokenizer.pad_token_id)
             sync()
             elapsed = time.perf_counter() - start
             rates[contender].append(args.steps * args.batch / elapsed)
-            if contender == "ours-retromae":
-                prep = sum(timings["prepare"])
-                prepare_share.append(prep / (prep + sum(timings["rest"])))
+        # the preparation share, from steps synchronised around it (on a GPU the rounds above never wait)
+        timings: dict = {}
+        for s in range(args.steps):
+            index = 1 + r * args.steps + s
+            ours_step(ours["retromae"], batches[index], index, tokenizer.pad_token_id, timings, sync)
+        prepare_share.append(sum(timings["prepare"]) / (sum(timings["prepare"]) + sum(timings["rest"])))
         print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()), flush=True)
 
     medians = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nmodel all-MiniLM-L6-v2 architecture (6 x 384), batch {args.batch} x {args.length}, "
           f"precision {precision}, device {device}, {torch.get_num_threads()} threads")
-    print(f"{'contender':<15}{'samples/s (median)':>20}{'vs hf-mlm':>12}")
+    print(f"{'contender':<22}{'samples/s (median)':>20}{'vs hf-mlm':>12}")
     for k, v in medians.items():
-        print(f"{k:<15}{v:>20.2f}{v / medians['hf-mlm']:>12.2f}")
+        print(f"{k:<22}{v:>20.2f}{v / medians['hf-mlm']:>12.2f}")
+    if args.markdown:
+        rows = "".join(f"| {k} | {v:.2f} | {v / medians['hf-mlm']:.2f} |\n" for k, v in medians.items())
+        Path(args.markdown).write_text(
+            f"batch {args.batch} x {args.length}, precision {precision}, device {device}, "
+            f"median of {args.rounds} rounds x {args.steps} steps\n\n| contender | samples/s | vs hf-mlm |\n"
+            f"|---|---:|---:|\n{rows}")
     print(f"batch preparation share of the RetroMAE step: {100 * statistics.median(prepare_share):.2f}%")
     print(f"ratio={medians['ours-retromae'] / medians['hf-mlm']:.3f}")
 

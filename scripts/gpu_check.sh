@@ -2,10 +2,12 @@
 # The GPU checks (under 8 minutes): what the CPU cannot show. Run on a lent GPU machine from the repository root,
 # with .gpu/ carried beside the checkout (see docs/gpu.md for how it is built: wheels missing from the GPU image,
 # all-MiniLM-L6-v2 stored in fp16 to fit the transfer limit, the NFCorpus test split). Results go to $OUT.
+# Arguments pick sections (default: all): foundation (masks, pretraining and encoding throughput, nDCG at fp32 and
+# bf16, an end-to-end run), objectives (every objective's throughput), finetune (MiniLM fine-tuned on NFCorpus).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 log() { echo; echo "=== $* ($(date +%T))"; }
 
 log "environment"
@@ -18,6 +20,10 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, accelerate, sentence_transformers, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'sentence-transformers', sentence_transformers.__version__, 'datasets', datasets.__version__)"
 mkdir -p .gpu/nfcorpus && gunzip -kf .gpu/nfcorpus/corpus.jsonl.gz
 
+sections=${*:-foundation objectives finetune}
+want() { [[ " $sections " == *" $1 "* ]]; }
+
+if want foundation; then
 log "masks on CUDA equal masks on the CPU"
 timeout 120 python3 scripts/gpu_checks.py masks .gpu/minilm .gpu/nfcorpus/corpus.jsonl 2>&1 | grep -v "Loading weights"
 
@@ -39,6 +45,21 @@ m = SentenceTransformer('/tmp/gpu_run/model', device='cuda'); v = m.encode(['a t
 print('export loads on cuda:', v.shape, m)" 2>&1 | grep -v "Loading weights" | tail -4
 
 log "pretraining throughput, CUDA bf16, batch 64 x 256"
-timeout 120 python3 scripts/bench_pretrain.py --device cuda --precision bf16 --rounds 3 --steps 5 --batch 64 --model .gpu/minilm 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_pretrain_b64.txt"
+timeout 120 python3 scripts/bench_pretrain.py --device cuda --precision bf16 --rounds 3 --steps 3 --batch 64 --model .gpu/minilm 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_pretrain_b64.txt"
 
+fi
+
+if want objectives; then
+log "every objective's throughput, CUDA bf16, batch 16 x 256"
+timeout 240 python3 scripts/bench_pretrain.py --device cuda --precision bf16 --rounds 3 --steps 5 --objectives all \
+  --model .gpu/minilm --markdown "$OUT/bench_objectives.md" 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_objectives.txt"
+fi
+
+if want finetune; then
+log "fine-tuning all-MiniLM-L6-v2 on NFCorpus train (mined negatives), CUDA bf16, then NFCorpus test"
+timeout 240 python3 -m retromae finetune finetune/nfcorpus_small.yaml model.name_or_path=.gpu/minilm \
+  data.train=.gpu/nfcorpus_mined.jsonl data.corpus=.gpu/nfcorpus dev.dataset=null train.output_dir=/tmp/gpu_ft \
+  train.logging_steps=10 2>&1 | tr '\r' '\n' | grep -a "^step\|rror" | tee "$OUT/finetune_run.txt"
+timeout 120 python3 scripts/gpu_checks.py ndcg /tmp/gpu_ft/model .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/finetune_ndcg.txt"
+fi
 log "done"

@@ -39,7 +39,12 @@ def check_masks(model_dir: str, corpus: Path, device: str = "cuda") -> None:
           f"{(on_gpu['encoder_mask'].sum() / (on_gpu['words'] >= 0).sum()).item():.3f}")
 
 
-def check_ndcg(model_dir: str, nfcorpus: Path) -> None:
+def _autocast(forward, features):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return forward(features)
+
+
+def check_ndcg(model_dir: str, nfcorpus: Path, precisions=("no", "bf16", "bf16-autocast")) -> None:
     from retromae.retrieval.data import load_beir_folder
     from retromae.retrieval.encoder import EncodeConfig, TextEncoder
     from retromae.retrieval.metrics import evaluate
@@ -47,9 +52,14 @@ def check_ndcg(model_dir: str, nfcorpus: Path) -> None:
     data = load_beir_folder(nfcorpus, "test")
     ids, texts = data.passages(" ")
     qids = list(data.queries)
-    for precision in ("no", "bf16"):
-        enc = TextEncoder(model_dir, EncodeConfig(query_max_len=256, passage_max_len=256, precision=precision,
+    for precision in precisions:
+        weights = "no" if precision == "bf16-autocast" else precision
+        enc = TextEncoder(model_dir, EncodeConfig(query_max_len=256, passage_max_len=256, precision=weights,
                                                   batch_size=128), device="cuda")
+        if precision.endswith("autocast"):  # for comparison: fp32 weights under bf16 autocast
+            forward = enc._forward
+            enc._forward = lambda f, forward=forward: _autocast(forward, f)
+            enc.precision = precision
         torch.cuda.synchronize()
         start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start[0].record()
@@ -69,4 +79,5 @@ def check_ndcg(model_dir: str, nfcorpus: Path) -> None:
 if __name__ == "__main__":
     what, model, data = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     device = sys.argv[4] if len(sys.argv) > 4 else "cuda"
-    {"masks": lambda: check_masks(model, data, device), "ndcg": lambda: check_ndcg(model, data)}[what]()
+    {"masks": lambda: check_masks(model, data, device), "ndcg": lambda: check_ndcg(model, data),
+     "ndcg-fp32": lambda: check_ndcg(model, data, ("no",))}[what]()

@@ -66,7 +66,15 @@ def test_every_field_has_a_default_and_a_doc():
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "pretrain").glob("*.yaml"))
-    assert recipes
+    from retromae.finetune.run import load_finetune_config
+    from retromae.retrieval.evaluate import load_suite
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted((root / "pretrain").glob("*.yaml"))
+    assert len(recipes) >= 8
     for recipe in recipes:
         load_config(str(recipe))
+    for recipe in sorted((root / "finetune").glob("*.yaml")):
+        load_finetune_config(str(recipe))
+    for suite in sorted((root / "eval").glob("*.yaml")):
+        assert load_suite(str(suite)).datasets

@@ -48,3 +48,11 @@ def test_uniform_statistics():
     a, b = u[:, :-1].flatten(), u[:, 1:].flatten()
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
     assert abs(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1].item()) < 0.02
+
+
+def test_scalar_mixer_equals_tensor_mixer():
+    from retromae.rng import mix32_int
+
+    values = [0, 5, 2**31 + 7, 2**32 - 1, 123456789]
+    tensor = mix32(to_int32(torch.tensor(values))).to(torch.int64) & 0xFFFFFFFF
+    assert tensor.tolist() == [mix32_int(v) for v in values] == [reference_mix32(v) for v in values]

@@ -25,17 +25,16 @@ class Position:
 
 
 def collate(examples: list[list[int]], indices: list[int], epoch: int, seed: int, pad_id: int, multiple: int) -> dict:
-    longest = max(len(e) for e in examples)
+    lengths = torch.tensor([len(e) for e in examples])
+    longest = int(lengths.max())
     if multiple > 1:
         longest = -(-longest // multiple) * multiple
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, ids in enumerate(examples):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
     return {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
+        "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
         "seeds": example_seeds(seed, epoch, torch.as_tensor(indices, dtype=torch.long)),
     }
 
@@ -45,19 +44,29 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(key))
 
 
-class _IndexedStore(torch.utils.data.Dataset):
-    """Maps a list of example indices to one collated micro-batch (one Arrow read per batch)."""
+class TokenBatch:
+    """Collates the pretraining examples of a store (one Arrow read per batch); picklable for DataLoader workers."""
 
     def __init__(self, store, seed: int, pad_id: int, multiple: int):
         self.store, self.seed, self.pad_id, self.multiple = store, seed, pad_id, multiple
 
+    def __call__(self, indices: list[int], epoch: int) -> dict:
+        examples = self.store[indices]["input_ids"]
+        return collate(examples, indices, epoch, self.seed, self.pad_id, self.multiple)
+
+
+class _IndexedStore(torch.utils.data.Dataset):
+    """Maps (epoch, example indices) to one micro-batch."""
+
+    def __init__(self, size: int, make_batch):
+        self.size, self.make_batch = size, make_batch
+
     def __len__(self):
-        return len(self.store)
+        return self.size
 
     def __getitem__(self, item: tuple[int, list[int]]) -> dict:
         epoch, indices = item
-        examples = self.store[indices]["input_ids"]
-        return collate(examples, indices, epoch, self.seed, self.pad_id, self.multiple)
+        return self.make_batch(indices, epoch)
 
 
 class _SliceSampler(torch.utils.data.Sampler):
@@ -68,7 +77,7 @@ class _SliceSampler(torch.utils.data.Sampler):
         b = self.batches
         epoch, offset = self.start.epoch, self.start.offset
         while True:
-            order = epoch_permutation(len(b.store), b.seed, epoch)
+            order = epoch_permutation(b.size, b.seed, epoch)
             for g in range(offset, b.per_epoch):
                 first = g * b.global_batch + b.process_index * b.batch_size
                 yield epoch, order[first : first + b.batch_size].tolist()
@@ -77,20 +86,24 @@ class _SliceSampler(torch.utils.data.Sampler):
 
 class StoreBatches:
     """Batches from a map-style example store; epochs are reshuffled permutations, the last partial global batch
-    is dropped so every process always holds the same number of examples."""
+    is dropped so every process always holds the same number of examples.
 
-    def __init__(self, store, batch_size: int, num_processes: int, process_index: int, seed: int, pad_id: int,
-                 pad_to_multiple_of: int = 8, num_workers: int = 0):
-        self.store, self.batch_size, self.seed = store, batch_size, seed
+    `make_batch(indices, epoch)` builds one micro-batch from example indices (default: pretraining examples of a
+    `datasets.Dataset` with an `input_ids` column, padded, with per-example seeds)."""
+
+    def __init__(self, store, batch_size: int, num_processes: int, process_index: int, seed: int, pad_id: int = 0,
+                 pad_to_multiple_of: int = 8, num_workers: int = 0, make_batch=None):
+        self.size, self.batch_size, self.seed = len(store), batch_size, seed
         self.num_processes, self.process_index = num_processes, process_index
         self.global_batch = batch_size * num_processes
-        self.per_epoch = len(store) // self.global_batch
+        self.per_epoch = self.size // self.global_batch
         if self.per_epoch == 0:
             raise ValueError(
-                f"the corpus has {len(store)} examples, fewer than one global batch "
+                f"the data has {self.size} examples, fewer than one global batch "
                 f"({batch_size} per device x {num_processes} processes); lower train.per_device_batch_size"
             )
-        self.pad_id, self.multiple, self.num_workers = pad_id, pad_to_multiple_of, num_workers
+        self.make_batch = make_batch or TokenBatch(store, seed, pad_id, pad_to_multiple_of)
+        self.num_workers = num_workers
 
     @property
     def batches_per_epoch(self) -> int:
@@ -99,13 +112,14 @@ class StoreBatches:
     def iterate(self, start: Position) -> Iterator[tuple[dict, Position]]:
         """Micro-batches from `start` on, forever, each with the position just after it."""
         loader = torch.utils.data.DataLoader(
-            _IndexedStore(self.store, self.seed, self.pad_id, self.multiple),
+            _IndexedStore(self.size, self.make_batch),
             sampler=_SliceSampler(self, start),
             batch_size=None,
             num_workers=self.num_workers,
             # Its own generator: creating the iterator must not draw from the global RNG, which drives dropout
             # and is restored exactly on resume.
             generator=torch.Generator(),
+            pin_memory=torch.cuda.is_available(),  # lets the trainer's copies to the GPU run asynchronously
         )
         epoch, offset = start.epoch, start.offset
         for batch in loader:

@@ -86,15 +86,21 @@ class Objective(nn.Module):
         return missing, unexpected
 
 
-def masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the MLM head at the given positions only: (N, D) states, (N,) labels.
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (autocast) up to fp32 for softmaxes and losses; fp32 / fp64 left as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the MLM head predicting `input_ids` at the positions `where` (bool, B x L) only.
 
     Computing logits only where there is a label (not at every position, as `BertForMaskedLM` does) is what
     keeps a vocabulary-sized projection from dominating the step.
     """
-    if labels.numel() == 0:
+    positions = where.nonzero(as_tuple=True)  # one device sync, shared by the states and the labels
+    if positions[0].numel() == 0:
         return hidden.sum() * 0.0
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    return F.cross_entropy(full_precision(head(hidden[positions])), input_ids[positions], reduction="sum")
 
 
 _REGISTRY: dict[str, type[Objective]] = {}

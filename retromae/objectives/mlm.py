@@ -59,8 +59,7 @@ class MaskedLM(Objective):
         return encoder_hidden(self.encoder, batch["encoder_input_ids"], batch["attention_mask"])
 
     def mlm_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        mask = batch["encoder_mask"]
-        return masked_lm_loss_sum(mlm_head(self.encoder), hidden[mask], batch["input_ids"][mask])
+        return masked_lm_loss_sum(mlm_head(self.encoder), hidden, batch["input_ids"], batch["encoder_mask"])
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": self.mlm_loss(self.encode(batch), batch)}

@@ -168,8 +168,7 @@ class RetroMAE(MaskedLM):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
         decoded = self.decode(hidden[:, 0], batch)
-        targets = batch["decoder_targets"]
         return {
             "mlm": self.mlm_loss(hidden, batch),
-            "decoder": masked_lm_loss_sum(mlm_head(self.encoder), decoded[targets], batch["input_ids"][targets]),
+            "decoder": masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"], batch["decoder_targets"]),
         }

@@ -1,10 +1,11 @@
 """Encode texts into vectors with any encoder this toolkit exports, any sentence-transformers model or any
 Hugging Face model: CLS or mean pooling, optional normalisation, separate query / passage lengths and
-prefixes, length-sorted batches with dynamic padding, `inference_mode`, bf16 / fp16 autocast.
+prefixes, length-sorted batches with dynamic padding, `inference_mode`, bf16 / fp16 half precision.
 
 Written as a small loop rather than through `SentenceTransformer.encode` because evaluation needs what that
 call does not give: different settings for queries and passages of one model, writing large corpora to
-memory-mapped shards as they go (one per process), and autocast chosen by the hardware.
+memory-mapped shards as they go (one per process), precision chosen by the hardware, and tokenization
+overlapped with the forward passes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class EncodeConfig:
     query_prefix: str = ""  # put before every query (e.g. "query: " for E5-style models)
     passage_prefix: str = ""  # put before every passage
     batch_size: int = 128  # texts per forward pass
-    precision: str = "auto"  # auto (bf16 where the hardware has it) | no | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 where the hardware has it) | no (fp32) | bf16 | fp16 (weights cast)
     chunk_size: int = 16384  # texts tokenized and length-sorted together; bounds memory on huge corpora
     compile: bool = False  # torch.compile the model (dynamic shapes): ~7% faster on a CPU, after a ~40 s compile
 
@@ -77,25 +78,40 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
 class TextEncoder:
     """A model ready to turn queries and passages into float32 vectors."""
 
-    def __init__(self, model: str, cfg: EncodeConfig | None = None, device: str | torch.device | None = None,
-                 trust_remote_code: bool = False):
+    def __init__(self, model, cfg: EncodeConfig | None = None, device: str | torch.device | None = None,
+                 trust_remote_code: bool = False, tokenizer=None, pooling: str | None = None,
+                 normalize: bool | None = None):
+        """`model`: a path, hub id or pkg:MODULE to load, or a loaded Hugging Face model body (with its
+        `tokenizer`, `pooling` and `normalize`), e.g. a model in training: it is used as it is, in place, and
+        half precision then runs as autocast rather than by casting its weights."""
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg or EncodeConfig()
         self.cfg.validate()
-        path = resolve_model_path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        # fp32 weights whatever the checkpoint stores: precision is chosen by `precision` (autocast), not by the file
-        self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=trust_remote_code,
-                                               dtype=torch.float32)
-        self.model.eval().to(self.device)
+        self.precision = resolve_precision(self.cfg.precision, self.device.type)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.autocast = None
+        if isinstance(model, torch.nn.Module):
+            self.model, self.tokenizer = model, tokenizer
+            st_pooling, st_normalize = pooling, bool(normalize)
+            self.autocast = half
+        else:
+            path = resolve_model_path(model)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            # fp32 weights whatever the checkpoint stores: precision is chosen by `precision`, not by the file
+            self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
+                                                   trust_remote_code=trust_remote_code, dtype=torch.float32)
+            self.model.eval().to(self.device)
+            if half is not None:
+                # inference in half precision: the weights are cast (as sentence-transformers' model.half() does),
+                # which is faster than autocast's per-op casts; pooling and normalisation stay in fp32
+                self.model.to(half)
+            st_pooling, st_normalize = sentence_transformers_settings(path) if os.path.isdir(path) else (None, False)
         if self.cfg.compile:
             self.model = torch.compile(self.model, dynamic=True)
-        st_pooling, st_normalize = sentence_transformers_settings(path) if os.path.isdir(path) else (None, False)
         self.pooling = (st_pooling or "cls") if self.cfg.pooling == "auto" else self.cfg.pooling
         self.normalize = st_normalize if self.cfg.normalize is None else self.cfg.normalize
-        self.precision = resolve_precision(self.cfg.precision, self.device.type)
         self.dimension = self.model.config.hidden_size
 
     def settings(self) -> dict:
@@ -111,43 +127,72 @@ class TextEncoder:
             return self.cfg.passage_max_len, self.cfg.passage_prefix
         raise ValueError(f"kind must be 'query' or 'passage', not {kind!r}")
 
+    def _tokenize(self, texts: list[str], max_len: int) -> dict:
+        features = self.tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+        features = {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"]}
+        if self.device.type == "cuda":
+            features = {k: v.pin_memory() for k, v in features.items()}  # lets the copy to the GPU run async
+        return features
+
     @torch.inference_mode()
     def _forward(self, features: dict) -> torch.Tensor:
-        features = {k: v.to(self.device) for k, v in features.items()}
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             hidden = self.model(**features).last_hidden_state
         vectors = pool(hidden.float(), features["attention_mask"], self.pooling)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return vectors
 
-    def iter_batches(self, texts: list[str], kind: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions in `texts`, vectors) batch by batch, longest texts first within each chunk."""
+    def iter_batches(self, texts: list[str], kind: str) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(positions in `texts`, vectors on the device) batch by batch, longest texts first within each chunk.
+
+        A background thread tokenizes and pads the next batches while the device encodes the current one (the
+        Rust tokenizer releases the GIL), and no batch waits for its vectors to reach the CPU: on a GPU,
+        tokenization is otherwise most of the time.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         max_len, prefix = self._kind(kind)
-        for start in range(0, len(texts), self.cfg.chunk_size):
-            chunk = [prefix + t for t in texts[start : start + self.cfg.chunk_size]]
-            ids = self.tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"]
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            for b in range(0, len(order), self.cfg.batch_size):
-                rows = order[b : b + self.cfg.batch_size]
-                features = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-                vectors = self._forward({"input_ids": features["input_ids"],
-                                         "attention_mask": features["attention_mask"]})
-                yield start + rows, vectors.cpu().numpy()
+        size = self.cfg.batch_size
+        with ThreadPoolExecutor(max_workers=1) as pool_:
+            for start in range(0, len(texts), self.cfg.chunk_size):
+                chunk = texts[start : start + self.cfg.chunk_size]
+                # sorted by characters, a free proxy for tokens (sorting by tokens would tokenize everything first)
+                order = np.argsort([-len(t) for t in chunk], kind="stable")
+                batches = [order[b : b + size] for b in range(0, len(order), size)]
+                tokenize = lambda rows: self._tokenize([prefix + chunk[i] for i in rows], max_len)  # noqa: E731
+                pending = [pool_.submit(tokenize, rows) for rows in batches[:2]]
+                for i, rows in enumerate(batches):
+                    features = pending.pop(0).result()
+                    if i + 2 < len(batches):
+                        pending.append(pool_.submit(tokenize, batches[i + 2]))
+                    yield start + rows, self._forward(features)
 
     def encode(self, texts: list[str], kind: str = "passage", show_progress: bool = True,
                out: np.ndarray | None = None) -> np.ndarray:
         """Vectors (len(texts), dimension) in float32, in the order of `texts`; written into `out` if given
-        (e.g. a memory-mapped array)."""
+        (e.g. a memory-mapped array). Vectors are gathered on the device and copied out once per chunk."""
         from tqdm.auto import tqdm
 
         if out is None:
             out = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        rows_done, vectors_done = [], []
+
+        def flush():
+            if rows_done:
+                out[np.concatenate(rows_done)] = torch.cat(vectors_done).cpu().numpy()
+                rows_done.clear()
+                vectors_done.clear()
+
         with tqdm(total=len(texts), desc=f"encode {kind}s", disable=not show_progress, unit="text") as bar:
             for rows, vectors in self.iter_batches(texts, kind):
-                out[rows] = vectors
+                rows_done.append(rows)
+                vectors_done.append(vectors)
                 bar.update(len(rows))
+                if sum(len(r) for r in rows_done) >= self.cfg.chunk_size:
+                    flush()
+            flush()
         return out
 
 

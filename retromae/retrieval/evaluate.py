@@ -34,6 +34,9 @@ class SearchConfig:
     use_gpu: str = "auto"  # auto | true | false: put the index on all GPUs (needs faiss with GPU support)
     ignore_identical_ids: bool = True  # BEIR's rule: drop documents whose id equals the query id
     title_separator: str = " "  # between a document's title and text (" [SEP] " for MS MARCO recipes)
+    representation: str = "dense"  # dense | dupmae ([W h ; top-k mu], dense dot + sparse dot)
+    hybrid_search: str = "exact"  # dupmae only: exact (sparse matrix product) | pooled (FAISS pool, re-scored)
+    candidate_pool: int = 1000  # dupmae pooled search: dense candidates re-scored per query
 
     def retrieval_depth(self) -> int:
         if self.depth > 0:
@@ -48,23 +51,46 @@ def encode_corpus(encoder: TextEncoder, data: RetrievalData, search: SearchConfi
                  show_progress=state.is_main_process)
 
 
-def search_and_score(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, shards_dir: Path,
-                     run_file: str | None = None) -> dict:
+def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, shards_dir: Path) -> tuple[dict, bool]:
+    """Index the corpus shards, encode the queries, search; (run, whether the index ran on GPUs)."""
     index = DenseIndex(encoder.dimension, search.index, _gpu_setting(search.use_gpu))
     for ids, vectors in read_shards(shards_dir):
         index.add(vectors, ids)
     query_ids = list(data.queries)
     queries = encoder.encode([data.queries[q] for q in query_ids], "query", show_progress=False)
+    scores, hits = index.search(queries, _search_depth(search))
+    return run_from_hits(query_ids, scores, hits), index.on_gpu
+
+
+def hybrid_run(encoder, data: RetrievalData, search: SearchConfig) -> dict:
+    """DupMAE's joint representation: exact (sparse product) or pooled (FAISS candidates re-scored) search."""
+    from retromae.retrieval.hybrid import exact_search, pooled_search
+
+    ids, texts = data.passages(search.title_separator)
+    docs = encoder.encode(texts, "passage")
+    query_ids = list(data.queries)
+    queries = encoder.encode([data.queries[q] for q in query_ids], "query")
+    if search.hybrid_search == "pooled":
+        scores, positions = pooled_search(queries, docs, _search_depth(search), search.candidate_pool, search.index,
+                                          _gpu_setting(search.use_gpu))
+    else:
+        scores, positions = exact_search(queries, docs, _search_depth(search))
+    return run_from_hits(query_ids, scores, [[ids[p] for p in row] for row in positions])
+
+
+def _search_depth(search: SearchConfig) -> int:
+    # one more when identical ids are dropped, so that every query keeps `depth` documents
+    return search.retrieval_depth() + int(search.ignore_identical_ids)
+
+
+def score_run(run: dict, data: RetrievalData, search: SearchConfig, run_file: str | None = None) -> tuple[dict, dict]:
+    """Cut the run to its depth (after BEIR's identical-id rule), write it if asked, score it."""
     depth = search.retrieval_depth()
-    # retrieve one more when identical ids are dropped, so that every query keeps `depth` documents
-    scores, hits = index.search(queries, depth + int(search.ignore_identical_ids))
-    run = run_from_hits(query_ids, scores, hits)
-    if search.ignore_identical_ids:
-        run = {q: dict(list({d: s for d, s in docs.items() if d != q}.items())[:depth]) for q, docs in run.items()}
+    run = {q: dict([(d, s) for d, s in docs.items() if not (search.ignore_identical_ids and d == q)][:depth])
+           for q, docs in run.items()}
     if run_file:
         write_trec_run(run_file, run)
-    means, per_query = evaluate(data.qrels, run, search.metrics, search.ignore_identical_ids)
-    return {"means": means, "per_query": per_query, "index_on_gpu": index.on_gpu}
+    return evaluate(data.qrels, run, search.metrics, search.ignore_identical_ids)
 
 
 def _gpu_setting(value: str):
@@ -73,11 +99,12 @@ def _gpu_setting(value: str):
 
 def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None = None,
                    encode_cfg: EncodeConfig | None = None, search: SearchConfig | None = None,
-                   run_file: str | None = None, output: str | None = None, encoder: TextEncoder | None = None) -> dict:
+                   run_file: str | None = None, output: str | None = None, encoder=None) -> dict | None:
     """Evaluate `model` on `dataset` (a local BEIR / MS MARCO folder, a hub name, or loaded data).
 
-    Returns (and writes to `output` as JSON, on the main process) the mean metrics at the top level, with the
-    settings used. Works in a plain process and under `accelerate launch` (corpus encoded in shards).
+    Returns (and writes to `output` as JSON) the mean metrics at the top level, with the settings used, on the
+    main process (None on the others). Under `accelerate launch` the corpus is encoded in shards by every
+    process (dense representations; DupMAE's joint one is encoded by the main process alone).
     """
     from retromae.distributed import process_state
 
@@ -85,34 +112,37 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     search = search or SearchConfig()
     encode_cfg = encode_cfg or EncodeConfig()
     data = dataset if isinstance(dataset, RetrievalData) else load_dataset(dataset, split, search.title_separator)
-    encoder = encoder or TextEncoder(model, encode_cfg, device=state.device)
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="retromae-shards-")) if state.num_processes == 1 else _shared_work_dir(state)
-    try:
-        encode_corpus(encoder, data, search, work, state)
-        state.wait_for_everyone()
-        result = None
-        if state.is_main_process:
-            scored = search_and_score(encoder, data, search, work, run_file)
-            result = {
-                **scored["means"],
-                "dataset": data.name,
-                "split": split,
-                "model": model,
-                "num_queries": len(scored["per_query"]),
-                "num_documents": len(data.corpus),
-                "seconds": round(time.perf_counter() - started, 1),
-                "settings": {**encoder.settings(), **asdict(search), "depth": search.retrieval_depth(),
-                             "index_on_gpu": scored["index_on_gpu"], "num_processes": state.num_processes},
-                "sources": data.sources,
-            }
-            if output:
-                atomic_write_text(output, json.dumps({**result, "per_query": scored["per_query"]}, indent=1))
-        state.wait_for_everyone()
-        return result
-    finally:
-        if state.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
+    settings = {**asdict(encode_cfg), **asdict(search), "depth": search.retrieval_depth(),
+                "num_processes": state.num_processes}
+    if search.representation == "dupmae":
+        if not state.is_main_process:
+            return None
+        from retromae.retrieval.hybrid import HybridEncoder
+
+        run = hybrid_run(encoder or HybridEncoder(model, encode_cfg, device=state.device), data, search)
+    else:
+        encoder = encoder or TextEncoder(model, encode_cfg, device=state.device)
+        work = Path(tempfile.mkdtemp(prefix="retromae-shards-")) if state.num_processes == 1 else _shared_work_dir(state)
+        try:
+            encode_corpus(encoder, data, search, work, state)
+            state.wait_for_everyone()
+            if state.is_main_process:
+                run, on_gpu = dense_run(encoder, data, search, work)
+                settings.update(encoder.settings(), index_on_gpu=on_gpu)
+            state.wait_for_everyone()
+        finally:
+            if state.is_main_process:
+                shutil.rmtree(work, ignore_errors=True)
+        if not state.is_main_process:
+            return None
+    means, per_query = score_run(run, data, search, run_file)
+    result = {**means, "dataset": data.name, "split": split, "model": model, "num_queries": len(per_query),
+              "num_documents": len(data.corpus), "seconds": round(time.perf_counter() - started, 1),
+              "settings": settings, "sources": data.sources}
+    if output:
+        atomic_write_text(output, json.dumps({**result, "per_query": per_query}, indent=1))
+    return result
 
 
 def _shared_work_dir(state) -> Path:

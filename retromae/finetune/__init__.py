@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning of bi-encoders: data, the bi-encoder objective, hard-negative mining, the runner."""

@@ -1,0 +1,146 @@
+"""The bi-encoder trained by contrastive fine-tuning, following the trainer's objective contract
+(`prepare`, `num_items`, `forward` returning summed named losses).
+
+Loss: InfoNCE of each query against every passage of the batch — its own group's positive and hard negatives,
+the other queries' passages, and, with cross-device negatives, every other process's passages (gathered with
+their gradients). Optional: KL towards teacher (cross-encoder) scores over the query's own group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from retromae.config import ConfigError
+from retromae.distributed import gather, gather_with_grad, world
+from retromae.retrieval.encoder import pool
+
+
+@dataclass
+class LossConfig:
+    similarity: str = "dot"  # dot (RetroMAE, Tevatron: temperature 1) | cosine (SimLM, BGE: temperature ~0.02)
+    temperature: float = 1.0  # scores are divided by this before the softmax
+    pooling: str = "cls"  # cls | mean: how a text's vector is read off the encoder
+    cross_device_negatives: bool = True  # every query also scores the passages of every other process
+    shared_encoder: bool = True  # one encoder for queries and passages (false: two, initialised alike)
+    grad_cache_chunk: int = 0  # > 0: GradCache, encoding this many texts at a time and keeping only their vectors
+    distill_weight: float = 0.0  # weight of the KL loss towards teacher scores (needs data.teacher_scores)
+    distill_temperature: float = 1.0  # temperature of the teacher's score distribution
+    representation: str = "dense"  # dense | dupmae: [W h ; top-k mu] with the joint score (loads the MLM head too)
+    dupmae_dense_dim: int = 384  # dupmae: size of W h
+    dupmae_topk: int = 384  # dupmae: vocabulary entries kept from mu
+
+    def validate(self) -> None:
+        if self.similarity not in ("dot", "cosine"):
+            raise ConfigError(f"loss.similarity={self.similarity!r} must be 'dot' or 'cosine'")
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"loss.pooling={self.pooling!r} must be 'cls' or 'mean'")
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        if self.representation not in ("dense", "dupmae"):
+            raise ConfigError(f"loss.representation={self.representation!r} must be 'dense' or 'dupmae'")
+        if self.representation == "dupmae" and self.similarity != "dot":
+            raise ConfigError("loss.representation=dupmae scores by dense dot + sparse dot: set loss.similarity=dot")
+
+
+class BiEncoder(nn.Module):
+    name = "contrastive"
+
+    def __init__(self, encoder: nn.Module, cfg: LossConfig, query_encoder: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.encoder = encoder  # passages (and queries when shared)
+        self.query_encoder = query_encoder if not cfg.shared_encoder else None
+        if not cfg.shared_encoder and query_encoder is None:
+            raise ValueError("shared_encoder=False needs a query encoder")
+        self.cfg = cfg
+        self.loss_weights = {"distill": cfg.distill_weight}
+
+    # ----- encoding -------------------------------------------------------------------------------------
+    def _embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.cfg.representation == "dupmae":
+            # [W h ; top-k mu as a vocabulary-sized vector]: a plain dot product of two of these is DupMAE's
+            # dense dot + sparse dot, so the loss, GradCache and cross-device gathering apply unchanged
+            dense, values, ids = model(input_ids, attention_mask)
+            return torch.cat([dense, model.densify(values, ids)], dim=-1)
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        vectors = pool(hidden, attention_mask, self.cfg.pooling)
+        if vectors.dtype in (torch.float16, torch.bfloat16):
+            vectors = vectors.float()  # scores and the softmax in fp32 under autocast
+        return F.normalize(vectors, dim=-1) if self.cfg.similarity == "cosine" else vectors
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Vectors of a batch of texts. With GradCache, chunk by chunk: each chunk's forward keeps no
+        activations, and the backward pass re-runs the chunk and feeds it its vectors' cached gradient.
+        That is GradCache (Gao et al., 2021), written as per-chunk activation checkpointing, which also
+        restores each chunk's dropout randomness for the re-run."""
+        chunk = self.cfg.grad_cache_chunk
+        if chunk <= 0 or not torch.is_grad_enabled() or len(input_ids) <= chunk:
+            return self._embed(model, input_ids, attention_mask)
+        parts = [
+            checkpoint(self._embed, model, input_ids[i : i + chunk], attention_mask[i : i + chunk],
+                       use_reentrant=False, preserve_rng_state=True)
+            for i in range(0, len(input_ids), chunk)
+        ]
+        return torch.cat(parts)
+
+    def encode_queries(self, batch: dict) -> torch.Tensor:
+        model = self.query_encoder if self.query_encoder is not None else self.encoder
+        return self.embed(model, batch["query_input_ids"], batch["query_attention_mask"])
+
+    def encode_passages(self, batch: dict) -> torch.Tensor:
+        return self.embed(self.encoder, batch["passage_input_ids"], batch["passage_attention_mask"])
+
+    # ----- the trainer's contract --------------------------------------------------------------------
+    def prepare(self, batch: dict) -> dict:
+        return batch
+
+    def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
+        queries = batch["query_input_ids"].shape[0]
+        items = {"contrastive": torch.tensor(float(queries), device=batch["query_input_ids"].device)}
+        if self.cfg.distill_weight > 0:
+            items["distill"] = self._teacher_rows(batch).sum().float()
+        return items
+
+    def _teacher_rows(self, batch: dict) -> torch.Tensor:
+        """Queries whose whole group has teacher scores (the others take no part in distillation)."""
+        scores = batch.get("teacher_scores")
+        if scores is None:
+            raise ConfigError("loss.distill_weight > 0 needs teacher scores: set data.teacher_scores")
+        valid = batch["passage_valid"].view(scores.shape)
+        return (~torch.isnan(scores) | ~valid).all(-1) & valid.any(-1)
+
+    def scores(self, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
+        return queries @ passages.T / self.cfg.temperature
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        queries = self.encode_queries(batch)
+        passages = self.encode_passages(batch)
+        valid = batch["passage_valid"]
+        group = passages.shape[0] // queries.shape[0]
+        offset = 0
+        if self.cfg.cross_device_negatives:
+            offset = world()[0] * passages.shape[0]
+            passages, valid = gather_with_grad(passages), gather(valid)
+        scores = self.scores(queries, passages).masked_fill(~valid[None, :], float("-inf"))
+        targets = offset + torch.arange(queries.shape[0], device=queries.device) * group
+        losses = {"contrastive": F.cross_entropy(scores, targets, reduction="sum")}
+        if self.cfg.distill_weight > 0:
+            losses["distill"] = self._distill(scores, targets, group, batch)
+        return losses
+
+    def _distill(self, scores: torch.Tensor, targets: torch.Tensor, group: int, batch: dict) -> torch.Tensor:
+        """KL(teacher || student) over each query's own group, summed over queries with complete teacher scores."""
+        columns = targets[:, None] + torch.arange(group, device=scores.device)[None, :]
+        student = scores.gather(1, columns)
+        valid = batch["passage_valid"].view(-1, group)
+        rows = self._teacher_rows(batch)
+        teacher = (batch["teacher_scores"] / self.cfg.distill_temperature).nan_to_num(0.0)
+        teacher = teacher.masked_fill(~valid, float("-inf")).log_softmax(-1)
+        student = student.masked_fill(~valid, float("-inf")).log_softmax(-1)
+        kl = (teacher.exp() * (teacher - student)).masked_fill(~valid, 0.0).sum(-1)
+        return kl[rows].sum()

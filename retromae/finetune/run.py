@@ -1,0 +1,236 @@
+"""`retromae finetune CONFIG.yaml [key=value ...]`: contrastive fine-tuning of a bi-encoder on the shared loop.
+
+With a dev set (`dev.dataset`), the model is scored every `dev.every_steps` steps and at the end, and the
+best-scoring weights are the ones exported (choose on dev, report on test).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from retromae.config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from retromae.data.batches import StoreBatches
+from retromae.finetune.data import FORMATS, GroupBatch, load_training_data, read_teacher_scores
+from retromae.finetune.model import BiEncoder, LossConfig
+from retromae.modeling import ModelConfig, resolve_model_path
+from retromae.trainer import TrainConfig, Trainer, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: str = ""  # training data: BEIR / MS MARCO folder, Tevatron or mined JSON lines, or a HF dataset
+    format: str = "auto"  # auto | beir | msmarco | tevatron | mined | hf
+    split: str = "train"  # qrels split (BEIR) or dataset split (hf)
+    corpus: str | None = None  # passages of a mined file (BEIR folder, corpus.jsonl or collection.tsv)
+    negatives: str | None = None  # hard negatives: a mined file (BEIR), qidpidtriples or train_negs (MS MARCO)
+    teacher_scores: str | None = None  # qid<TAB>pid<TAB>score of a cross-encoder, for distillation
+    group_size: int = 8  # passages per query in a batch: 1 positive + group_size - 1 negatives
+    query_max_len: int = 32  # tokens per query
+    passage_max_len: int = 128  # tokens per passage
+    query_prefix: str = ""  # put before every query (and at evaluation: dev.encode)
+    passage_prefix: str = ""  # put before every passage
+    title_separator: str = " "  # between title and text (" [SEP] " for MS MARCO recipes)
+    num_workers: int = 0  # DataLoader workers that tokenize batches
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.group_size < 1:
+            raise ConfigError("data.group_size must be >= 1")
+
+
+@dataclass
+class DevConfig:
+    dataset: str | None = None  # BEIR folder used to choose the best weights (null: keep the last)
+    split: str = "dev"  # its qrels split
+    metric: str = "ndcg@10"  # the metric that chooses
+    every_steps: int = 0  # score every N steps (0: only at the end)
+    batch_size: int = 128  # encoding batch size
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the encoder to fine-tune (pretrained export, HF model)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # training groups and their shape
+    loss: LossConfig = field(default_factory=LossConfig)  # similarity, temperature, negatives, GradCache, distillation
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, warmup_ratio=0.1))  # the shared loop
+    dev: DevConfig = field(default_factory=DevConfig)  # model selection on a dev set
+    export: bool = True  # write the bi-encoder (Hugging Face + sentence-transformers) at the end
+
+
+def load_finetune_config(path: str | None, overrides: list[str] = ()) -> FinetuneConfig:
+    data, lines = load_yaml(path) if path else ({}, {})
+    apply_overrides(data, list(overrides))
+    return build(FinetuneConfig, data, source=str(path or "<overrides>"), lines=lines)
+
+
+def load_encoder(cfg: ModelConfig):
+    """The encoder body (no pooler: retrieval reads the last hidden states), fp32 weights."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.dropout is not None:
+        for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+            if hasattr(config, attr):
+                setattr(config, attr, cfg.dropout)
+    kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+              "dtype": torch.float32}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModel.from_pretrained(path, **kwargs)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused by CLS / mean pooling; left in, DDP would report unused parameters
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.name_or_path),
+                                              trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
+def build_bi_encoder(cfg: FinetuneConfig):
+    if cfg.loss.representation == "dupmae":
+        from retromae.modeling import load_masked_lm, load_tokenizer
+        from retromae.objectives.dupmae import DupMAERepresentation, DupMAERepresentationConfig
+
+        rep = DupMAERepresentation(load_masked_lm(cfg.model), DupMAERepresentationConfig(
+            cfg.loss.dupmae_dense_dim, cfg.loss.dupmae_topk))
+        _load_pretraining_head(rep, cfg.model)
+        query_model = None if cfg.loss.shared_encoder else copy.deepcopy(rep)
+        return BiEncoder(rep, cfg.loss, query_model), load_tokenizer(cfg.model)
+    model, tokenizer = load_encoder(cfg.model)
+    query_model = None if cfg.loss.shared_encoder else copy.deepcopy(model)
+    return BiEncoder(model, cfg.loss, query_model), tokenizer
+
+
+def _load_pretraining_head(rep, cfg: ModelConfig) -> None:
+    """Start DupMAE fine-tuning from the MLM head that pretraining saved beside the export, when there is one."""
+    import safetensors.torch
+
+    from retromae.modeling import heads_path, mlm_head
+
+    path = Path(heads_path(resolve_model_path(cfg.name_or_path)))
+    if not path.is_file():
+        logger.warning("no pretraining heads at %s: the MLM head that makes mu starts as the checkpoint has it", path)
+        return
+    state = safetensors.torch.load_file(str(path))
+    head = mlm_head(rep.mlm)
+    for prefix in ("encoder.cls.", "encoder.lm_head.", "encoder.predictions."):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if part:
+            head.load_state_dict(part, strict=False)
+
+
+def build_batches(cfg: FinetuneConfig, tokenizer, accelerator):
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("data.train is empty: give the training data (a folder or a file)")
+    data = load_training_data(d.train, d.format, d.split, d.corpus, d.negatives, d.title_separator)
+    if not data.groups:
+        raise ConfigError(f"{d.train}: no training query with a positive passage")
+    teacher = read_teacher_scores(d.teacher_scores) if d.teacher_scores else None
+    make_batch = GroupBatch(data, tokenizer, d.group_size, d.query_max_len, d.passage_max_len, cfg.train.seed,
+                            d.query_prefix, d.passage_prefix, teacher)
+    with_negatives = sum(1 for g in data.groups if g.negatives)
+    logger.info("%d training queries (%d with hard negatives) from %s", len(data.groups), with_negatives, data.source)
+    return StoreBatches(data.groups, cfg.train.per_device_batch_size, accelerator.num_processes,
+                        accelerator.process_index, cfg.train.seed, num_workers=d.num_workers, make_batch=make_batch)
+
+
+class DevSelector:
+    """Scores the model on the dev set every `every_steps` steps and at the end; keeps the best weights."""
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer):
+        from retromae.retrieval.data import load_dataset
+        from retromae.retrieval.encoder import EncodeConfig
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.data = load_dataset(cfg.dev.dataset, cfg.dev.split, cfg.data.title_separator)
+        self.encode = EncodeConfig(query_max_len=cfg.data.query_max_len, passage_max_len=cfg.data.passage_max_len,
+                                   query_prefix=cfg.data.query_prefix, passage_prefix=cfg.data.passage_prefix,
+                                   batch_size=cfg.dev.batch_size, precision=cfg.train.mixed_precision)
+        self.best_score, self.best_step, self.best_state, self.history = float("-inf"), None, None, []
+
+    def __call__(self, trainer) -> None:
+        every = self.cfg.dev.every_steps
+        if not ((every > 0 and trainer.step % every == 0) or trainer.finished):
+            return
+        score = self.score(trainer.objective, trainer.accelerator.device)
+        self.history.append({"step": trainer.step, self.cfg.dev.metric: score})
+        if trainer.accelerator.is_main_process:
+            logger.info("dev %s at step %d: %.4f", self.cfg.dev.metric, trainer.step, score)
+        if score > self.best_score:
+            self.best_score, self.best_step = score, trainer.step
+            self.best_state = {k: v.detach().cpu().clone() for k, v in trainer.objective.state_dict().items()}
+
+    def score(self, bi_encoder: BiEncoder, device) -> float:
+        from retromae.retrieval.encoder import TextEncoder
+        from retromae.retrieval.evaluate import SearchConfig, evaluate_model
+
+        bi_encoder.eval()
+        try:
+            loss = self.cfg.loss
+            if bi_encoder.query_encoder is not None:
+                raise ConfigError("dev selection with separate query and passage encoders is not supported yet")
+            search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator)
+            if loss.representation == "dupmae":
+                result = self._score_dupmae(bi_encoder, device, search)
+            else:
+                encoder = TextEncoder(bi_encoder.encoder, self.encode, device=device, tokenizer=self.tokenizer,
+                                      pooling=loss.pooling, normalize=loss.similarity == "cosine")
+                result = evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search,
+                                        encoder=encoder)
+            import torch.distributed as dist
+
+            value = torch.tensor([result[self.cfg.dev.metric] if result else 0.0], device=device)
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(value, src=0)
+            return float(value.item())
+        finally:
+            bi_encoder.train()
+
+    def _score_dupmae(self, bi_encoder: BiEncoder, device, search) -> dict | None:
+        from retromae.retrieval.evaluate import evaluate_model
+        from retromae.retrieval.hybrid import HybridEncoder
+
+        encoder = HybridEncoder(None, self.encode, device, representation=bi_encoder.encoder, tokenizer=self.tokenizer)
+        search.representation = "dupmae"
+        return evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search, encoder=encoder)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    from retromae.export import export_bi_encoder
+
+    accelerator = make_accelerator(cfg.train)
+    set_seed(cfg.train.seed)
+    bi_encoder, tokenizer = build_bi_encoder(cfg)
+    batches = build_batches(cfg, tokenizer, accelerator)
+    selector = DevSelector(cfg, tokenizer) if cfg.dev.dataset else None
+    trainer = Trainer(bi_encoder, batches, cfg.train, accelerator, run_config=to_dict(cfg),
+                      callbacks=[selector] if selector else [])
+    history = trainer.train()
+    out = Path(cfg.train.output_dir) / "model"
+    exported = cfg.export and trainer.finished
+    if exported and accelerator.is_main_process:
+        model = trainer.objective
+        if selector is not None and selector.best_state is not None:
+            model.load_state_dict(selector.best_state)
+        export_bi_encoder(model, tokenizer, out, run_config=to_dict(cfg),
+                          max_seq_length=max(cfg.data.query_max_len, cfg.data.passage_max_len))
+    accelerator.wait_for_everyone()
+    return {
+        "history": history,
+        "model_dir": str(out) if exported else None,
+        "steps": trainer.step,
+        "dev": None if selector is None else {"best_step": selector.best_step, "best": selector.best_score,
+                                              "history": selector.history},
+    }

@@ -1,0 +1,132 @@
+"""Bag-of-words decoders (methods.md §1.5).
+
+- BoW prediction (Ma et al., SIGIR 2024): decoder-free; the encoder's MLM head applied to h gives a word
+  distribution, trained by cross-entropy against the text's bag of words, plus MLM: `views: 1,
+  decoder: mlm_head, contrast_weight: 0`.
+- Contrastive MLP bag-of-words decoder (Ma et al., CIKM 2022; no code released): two independently masked views
+  of each text; a light MLP decoder maps each view's h to a word distribution; each view gets the bag-of-words
+  loss, and an InfoNCE loss pulls the two views' log-distributions together and pushes them from the other texts'
+  (in the batch and on other processes), which suppresses common words. Our defaults (config fields):
+  MLP = Linear(d, d) -> GELU -> LayerNorm -> Linear(d, V) tied to the word embeddings; cosine similarity of the
+  log-distributions, tau = 0.05, symmetric over the two views; L = MLM + BoW(view 1) + BoW(view 2) + lambda
+  contrast, lambda = 1. MLM is computed on both views' masked tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retromae.config import ConfigError
+from retromae.distributed import gather_with_grad, world
+from retromae.masking import ENCODER_MASK, ENCODER_RANDOM_IDS, ENCODER_REPLACE, corrupt, whole_word_mask
+from retromae.modeling import base_model, encoder_hidden, mlm_head
+from retromae.objectives.base import full_precision, masked_lm_loss_sum, register
+from retromae.objectives.dupmae import bag_of_words, bag_of_words_loss_sum
+from retromae.objectives.mlm import MaskedLM, MLMConfig
+
+SECOND_VIEW_STREAMS = (ENCODER_MASK + 40, ENCODER_REPLACE + 40, ENCODER_RANDOM_IDS + 40)
+
+
+@dataclass
+class BoWConfig(MLMConfig):
+    name: str = "bow"  # which objective
+    views: int = 2  # 1: one masked view (BoW prediction) | 2: two masked views (contrastive decoder)
+    decoder: str = "mlp"  # mlp: Linear-GELU-LayerNorm-Linear tied to the word embeddings | mlm_head: the encoder's
+    contrast_weight: float = 1.0  # lambda, the weight of the InfoNCE between the views (needs views: 2)
+    temperature: float = 0.05  # InfoNCE temperature on cosine similarities of the log-distributions
+    cross_process: bool = True  # other processes' views are negatives too
+
+    def validate(self) -> None:
+        super().validate()
+        if self.views not in (1, 2):
+            raise ConfigError(f"objective.views={self.views} must be 1 or 2")
+        if self.decoder not in ("mlp", "mlm_head"):
+            raise ConfigError(f"objective.decoder={self.decoder!r} must be 'mlp' or 'mlm_head'")
+        if self.contrast_weight > 0 and self.views != 2:
+            raise ConfigError("objective.contrast_weight > 0 needs objective.views: 2 (set contrast_weight: 0)")
+
+
+class MLPDecoder(nn.Module):
+    """h -> vocabulary logits: Linear(d, d) -> GELU -> LayerNorm -> Linear(d, V), the last tied to the embeddings."""
+
+    def __init__(self, word_embeddings: nn.Embedding, eps: float = 1e-12):
+        super().__init__()
+        hidden = word_embeddings.embedding_dim
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.word_embeddings = word_embeddings  # shared, not copied
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h))) @ self.word_embeddings.weight.T + self.bias
+
+
+def symmetric_infonce_sum(a: torch.Tensor, b: torch.Tensor, temperature: float, cross_process: bool) -> torch.Tensor:
+    """sum over local texts of (CE(a_i vs all b) + CE(b_i vs all a)) / 2 with cosine similarities; `all` spans
+    every process when `cross_process` (gathered with gradients)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    rank, size = world()
+    offset = 0
+    all_a, all_b = a, b
+    if cross_process and size > 1:
+        all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+        offset = rank * a.shape[0]
+    targets = offset + torch.arange(a.shape[0], device=a.device)
+    forward = F.cross_entropy(a @ all_b.T / temperature, targets, reduction="sum")
+    backward = F.cross_entropy(b @ all_a.T / temperature, targets, reduction="sum")
+    return (forward + backward) / 2
+
+
+@register
+class BagOfWords(MaskedLM):
+    name = "bow"
+    Config = BoWConfig
+
+    def __init__(self, encoder, tokenizer, config: BoWConfig):
+        super().__init__(encoder, tokenizer, config)
+        if config.decoder == "mlp":
+            self.bow_decoder = MLPDecoder(base_model(encoder).embeddings.word_embeddings,
+                                          getattr(encoder.config, "layer_norm_eps", 1e-12))
+        self.loss_weights = {"contrast": config.contrast_weight}
+
+    def decode_words(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from the text representation h, (B, V)."""
+        return self.bow_decoder(h) if self.config.decoder == "mlp" else mlm_head(self.encoder)(h)
+
+    def prepare(self, batch: dict) -> dict:
+        batch = super().prepare(batch)
+        batch["bow_targets"] = bag_of_words(batch["input_ids"], batch["words"] >= 0, self.encoder.config.vocab_size)
+        if self.config.views == 2:
+            mask = whole_word_mask(batch["words"], self.config.mask_ratio, batch["seeds"], SECOND_VIEW_STREAMS[0])
+            batch["second_input_ids"] = corrupt(batch["input_ids"], mask, batch["seeds"], self.tables,
+                                                SECOND_VIEW_STREAMS[1:], self.config.mask_token_prob,
+                                                self.config.random_token_prob)
+            batch["second_mask"] = mask
+        return batch
+
+    def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
+        texts = batch["bow_targets"].any(-1).sum()
+        items = {"mlm": batch["encoder_mask"].sum(), "bow": texts * self.config.views}
+        if self.config.views == 2:
+            items["mlm"] = items["mlm"] + batch["second_mask"].sum()
+            items["contrast"] = torch.tensor(float(batch["input_ids"].shape[0]), device=texts.device)
+        return items
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        hidden = self.encode(batch)
+        logits = full_precision(self.decode_words(hidden[:, 0]))
+        log_probs = [logits.log_softmax(-1)]
+        mlm = self.mlm_loss(hidden, batch)
+        if self.config.views == 2:
+            second = encoder_hidden(self.encoder, batch["second_input_ids"], batch["attention_mask"])
+            mlm = mlm + masked_lm_loss_sum(mlm_head(self.encoder), second, batch["input_ids"], batch["second_mask"])
+            log_probs.append(full_precision(self.decode_words(second[:, 0])).log_softmax(-1))
+        losses = {"mlm": mlm, "bow": sum(bag_of_words_loss_sum(lp, batch["bow_targets"]) for lp in log_probs)}
+        if self.config.views == 2:
+            losses["contrast"] = symmetric_infonce_sum(log_probs[0], log_probs[1], self.config.temperature,
+                                                       self.config.cross_process)
+        return losses

@@ -1,0 +1,192 @@
+"""DupMAE / RetroMAE v2 (Liu et al., ACL 2023; methods.md §1.3): RetroMAE's two losses plus a bag-of-words loss
+on the ordinary tokens (OT): the encoder's MLM-head logits at every non-[CLS], non-pad position are max-pooled
+over positions into mu (a vocabulary-sized vector), and -sum_{w in set(x)} log softmax(mu)_w / |set(x)| is
+minimised. Paper: unmasked positions only, weight 1; the authors' code: all positions, weight 0.1.
+
+Also here, because its authors never released it: DupMAE's retrieval representation [W h ; top-k of mu],
+scored as dense dot + sparse dot (`DupMAERepresentation`), used by `retromae evaluate --representation dupmae`
+and trainable by `retromae finetune` with `loss.representation: dupmae`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retromae.config import ConfigError
+from retromae.modeling import base_model, mlm_head
+from retromae.objectives.base import full_precision, register
+from retromae.objectives.retromae import RetroMAE, RetroMAEConfig
+
+
+@dataclass
+class DupMAEConfig(RetroMAEConfig):
+    name: str = "dupmae"  # which objective
+    bow_weight: float = 1.0  # weight of the bag-of-words loss (paper: 1; authors' code: 0.1)
+    bow_positions: str = "unmasked"  # positions max-pooled into mu: unmasked (paper) | all (authors' code)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bow_positions not in ("unmasked", "all"):
+            raise ConfigError(f"objective.bow_positions={self.bow_positions!r} must be 'unmasked' or 'all'")
+
+
+def bag_of_words(input_ids: torch.Tensor, ordinary: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which vocabulary entries occur among each text's ordinary tokens."""
+    counts = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.long, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, ordinary.long()) > 0
+
+
+def bag_of_words_loss_sum(log_probs: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+    """sum over texts of -sum_{w in bag} log p_w / |bag| (texts with an empty bag contribute 0)."""
+    sizes = bag.sum(-1)
+    per_text = -(log_probs.masked_fill(~bag, 0.0)).sum(-1) / sizes.clamp(min=1)
+    return per_text.masked_fill(sizes == 0, 0.0).sum()
+
+
+def max_pool_logits(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """mu: (B, L, V) logits max-pooled over the `positions` (B, L) of each text -> (B, V)."""
+    return logits.masked_fill(~positions.unsqueeze(-1), float("-inf")).max(dim=1).values
+
+
+@register
+class DupMAE(RetroMAE):
+    name = "dupmae"
+    Config = DupMAEConfig
+
+    def __init__(self, encoder, tokenizer, config: DupMAEConfig):
+        super().__init__(encoder, tokenizer, config)
+        self.loss_weights["bow"] = config.bow_weight
+
+    def prepare(self, batch: dict) -> dict:
+        batch = super().prepare(batch)
+        real = batch["attention_mask"].bool()
+        positions = real.clone()
+        positions[:, 0] = False  # every non-[CLS], non-pad position
+        if self.config.bow_positions == "unmasked":
+            positions &= ~batch["encoder_mask"]
+        batch["bow_positions"] = positions
+        batch["bow_targets"] = bag_of_words(batch["input_ids"], batch["words"] >= 0, self.encoder.config.vocab_size)
+        return batch
+
+    def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
+        items = super().num_items(batch)
+        items["bow"] = (batch["bow_targets"].any(-1)).sum()
+        return items
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        hidden = self.encode(batch)
+        # The head runs once at every position: the MLM loss reads the masked ones, mu pools the others.
+        logits = full_precision(mlm_head(self.encoder)(hidden))
+        mask = batch["encoder_mask"]
+        mlm = F.cross_entropy(logits[mask], batch["input_ids"][mask], reduction="sum")
+        mu = max_pool_logits(logits, batch["bow_positions"])
+        bow = bag_of_words_loss_sum(mu.log_softmax(-1), batch["bow_targets"])
+        decoded = self.decode(hidden[:, 0], batch)
+        from retromae.objectives.base import masked_lm_loss_sum
+
+        decoder = masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"], batch["decoder_targets"])
+        return {"mlm": mlm, "decoder": decoder, "bow": bow}
+
+
+# ----- the retrieval representation ---------------------------------------------------------------------------
+
+
+@dataclass
+class DupMAERepresentationConfig:
+    dense_dim: int = 384  # size of W h (the paper: 768 -> 384)
+    topk: int = 384  # vocabulary entries kept in the sparse part (the paper: 384)
+    sparse_activation: str = "relu"  # relu (our default: no negative weights) | none: applied to the kept mu values
+
+
+class DupMAERepresentation(nn.Module):
+    """[W h ; top-k of mu] of a text, scored as dense dot + sparse dot.
+
+    mu is the max over the text's non-[CLS], non-pad positions of the MLM head's logits on the unmasked text.
+    W starts as the first `dense_dim` coordinates of h (a truncated identity) and is learned in fine-tuning.
+    """
+
+    def __init__(self, mlm_model: nn.Module, cfg: DupMAERepresentationConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or DupMAERepresentationConfig()
+        self.mlm = mlm_model
+        hidden = mlm_model.config.hidden_size
+        self.projection = nn.Linear(hidden, self.cfg.dense_dim, bias=False)
+        with torch.no_grad():
+            self.projection.weight.zero_()
+            eye = torch.eye(min(hidden, self.cfg.dense_dim))
+            self.projection.weight[: eye.shape[0], : eye.shape[1]] = eye
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mlm.config.vocab_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dense (B, dense_dim), sparse values (B, k), sparse vocabulary ids (B, k))."""
+        hidden = base_model(self.mlm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        dense = full_precision(self.projection(hidden[:, 0]))
+        positions = attention_mask.bool().clone()
+        positions[:, 0] = False
+        mu = max_pool_logits(full_precision(mlm_head(self.mlm)(hidden)), positions)
+        values, ids = mu.topk(min(self.cfg.topk, mu.shape[-1]), dim=-1)
+        if self.cfg.sparse_activation == "relu":
+            values = values.clamp(min=0.0)
+        return dense, values, ids
+
+    def densify(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The sparse part as a (B, V) tensor (differentiable in the values)."""
+        out = torch.zeros(values.shape[0], self.vocab_size, dtype=values.dtype, device=values.device)
+        return out.scatter(1, ids, values)
+
+    def save(self, folder: str | Path) -> None:
+        """What DupMAE adds to an exported encoder body, in `folder` (e.g. `model/dupmae/`): the MLM head (without
+        the decoder matrix, tied to the body's word embeddings) and W."""
+        import safetensors.torch
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        seen = {p.data_ptr() for p in base_model(self.mlm).parameters()}
+        tensors = {}
+        items = [(f"head.{k}", v) for k, v in mlm_head(self.mlm).state_dict().items()]
+        for key, value in items + [("projection.weight", self.projection.weight)]:
+            if value.data_ptr() not in seen:  # skip tied copies
+                seen.add(value.data_ptr())
+                tensors[key] = value.detach().cpu().contiguous()
+        safetensors.torch.save_file(tensors, str(folder / "dupmae.safetensors"))
+        (folder / "config.json").write_text(json.dumps(self.cfg.__dict__))
+
+    @classmethod
+    def load(cls, model_dir: str, device=None) -> "DupMAERepresentation":
+        """An exported model folder with its `dupmae/` part (from `retromae finetune` with loss.representation
+        dupmae); without one, a pretrained export's MLM head and a truncated-identity W."""
+        import safetensors.torch
+        from transformers import AutoModelForMaskedLM
+
+        from retromae.modeling import heads_path
+
+        folder = Path(model_dir) / "dupmae"
+        cfg = DupMAERepresentationConfig(**json.loads((folder / "config.json").read_text())) if folder.is_dir() else None
+        mlm = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32)
+        rep = cls(mlm, cfg)
+        if folder.is_dir():
+            state = safetensors.torch.load_file(str(folder / "dupmae.safetensors"))
+            mlm_head(mlm).load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=False)
+            rep.projection.weight.data.copy_(state["projection.weight"])
+        elif Path(heads_path(model_dir)).is_file():
+            state = safetensors.torch.load_file(heads_path(model_dir))
+            prefix = f"encoder.{_head_attribute(mlm)}."
+            mlm_head(mlm).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                          strict=False)
+        return rep.eval().to(device or "cpu")
+
+
+def _head_attribute(mlm) -> str:
+    for name in ("cls", "lm_head", "predictions"):
+        if getattr(mlm, name, None) is mlm_head(mlm):
+            return name
+    raise ConfigError("no MLM head found")

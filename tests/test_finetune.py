@@ -1,0 +1,230 @@
+"""Contrastive fine-tuning: the loss by hand, cross-device negatives, GradCache, mining, bad input, a real run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import BEIR
+from retromae.data.corpus import CorpusError
+from retromae.demo import docstring_corpus, split_first_sentence, write_retrieval_task
+from retromae.finetune.data import Group, TrainingData, load_training_data, sample_group
+from retromae.finetune.model import BiEncoder, LossConfig
+
+PROBE = Path(__file__).resolve().parent / "helpers" / "finetune_probe.py"
+
+
+@pytest.fixture(scope="module")
+def tevatron_file(tmp_path_factory):
+    """Docstring pairs in Tevatron's format: query = first sentence, positive = the rest, 3 negatives = others."""
+    pairs = []
+    for r in docstring_corpus(limit=600):
+        first, rest = split_first_sentence(r["text"])
+        if first and len(rest.split()) >= 6:
+            pairs.append((first, rest))
+    lines = []
+    for i, (query, positive) in enumerate(pairs[:96]):
+        negatives = [pairs[(i + k) % len(pairs)][1] for k in (7, 13, 29)]
+        lines.append(json.dumps({"query_id": f"q{i}", "query": query,
+                                 "positive_passages": [{"docid": f"d{i}", "title": "", "text": positive}],
+                                 "negative_passages": [{"docid": f"n{i}{k}", "text": t} for k, t in enumerate(negatives)]}))
+    path = tmp_path_factory.mktemp("ft") / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Fixed(torch.nn.Module):
+    """A stand-in encoder whose 'hidden states' are given vectors, for checking the loss by hand."""
+
+    def __init__(self, vectors):
+        super().__init__()
+        self.vectors = torch.nn.Parameter(torch.tensor(vectors))
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"last_hidden_state": self.vectors[input_ids[:, 0]][:, None, :]})
+
+
+def test_infonce_equals_a_hand_computation():
+    # 2 queries, group of 2 (positive, negative) each: 4 passages in the batch
+    vectors = [[1.0, 0.0], [0.0, 1.0], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5], [0.3, -0.2]]
+    bi = BiEncoder(Fixed(vectors), LossConfig(similarity="dot", temperature=0.5, cross_device_negatives=False))
+    batch = {"query_input_ids": torch.tensor([[0], [1]]), "query_attention_mask": torch.ones(2, 1, dtype=torch.long),
+             "passage_input_ids": torch.tensor([[2], [3], [4], [5]]), "passage_attention_mask": torch.ones(4, 1, dtype=torch.long),
+             "passage_valid": torch.tensor([True, True, True, True])}
+    loss = bi(batch)["contrastive"].item()
+    q, p = vectors[:2], vectors[2:]
+    expected = 0.0
+    for i, target in ((0, 0), (1, 2)):  # query 1's positive is passage 2 (first of its group)
+        logits = [sum(a * b for a, b in zip(q[i], pj)) / 0.5 for pj in p]
+        expected += -logits[target] + math.log(sum(math.exp(x) for x in logits))
+    assert loss == pytest.approx(expected, rel=1e-6)
+    # a padded slot (a query without negatives) is masked out of every query's softmax
+    batch["passage_valid"] = torch.tensor([True, False, True, True])
+    logits0 = [sum(a * b for a, b in zip(q[0], pj)) / 0.5 for j, pj in enumerate(p) if j != 1]
+    logits1 = [sum(a * b for a, b in zip(q[1], pj)) / 0.5 for j, pj in enumerate(p) if j != 1]
+    expected = (-logits0[0] + math.log(sum(map(math.exp, logits0)))) + (-logits1[1] + math.log(sum(map(math.exp, logits1))))
+    assert bi(batch)["contrastive"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_kl_equals_a_hand_computation():
+    vectors = [[1.0, 0.0], [0.8, 0.2], [0.1, 0.9], [0.6, 0.4]]
+    bi = BiEncoder(Fixed(vectors), LossConfig(temperature=1.0, cross_device_negatives=False, distill_weight=1.0))
+    batch = {"query_input_ids": torch.tensor([[0]]), "query_attention_mask": torch.ones(1, 1, dtype=torch.long),
+             "passage_input_ids": torch.tensor([[1], [2], [3]]), "passage_attention_mask": torch.ones(3, 1, dtype=torch.long),
+             "passage_valid": torch.tensor([True, True, True]), "teacher_scores": torch.tensor([[3.0, -1.0, 1.0]])}
+    student = [0.8, 0.1, 0.6]
+    t = [math.exp(x) / sum(math.exp(y) for y in (3.0, -1.0, 1.0)) for x in (3.0, -1.0, 1.0)]
+    s = [math.exp(x) / sum(math.exp(y) for y in student) for x in student]
+    assert bi(batch)["distill"].item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(t, s)), rel=1e-5)
+    assert bi.num_items(batch)["distill"].item() == 1
+    batch["teacher_scores"] = torch.tensor([[3.0, float("nan"), 1.0]])
+    assert bi.num_items(batch)["distill"].item() == 0, "a group without complete teacher scores is left out"
+
+
+def test_group_sampling():
+    import random
+
+    g = Group("q", "query", ["p1", "p2"], ["n1", "n2", "n3", "n4"])
+    chosen = sample_group(g, 4, random.Random(0))
+    assert chosen[0] in g.positives and len(set(chosen[1:])) == 3 and set(chosen[1:]) <= set(g.negatives)
+    assert sample_group(Group("q", "x", ["p"], []), 4, random.Random(0)) == ["p"], "no negatives: in-batch only"
+    assert len(sample_group(Group("q", "x", ["p"], ["n"]), 4, random.Random(0))) == 4
+
+
+def launch(args, processes, tmp_path, port):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, str(PROBE), *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port), str(PROBE), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_cross_device_negatives_two_processes_equal_one(tiny_model, tevatron_file, tmp_path):
+    # float64: the check is then exact to 1e-12 (see the probe's docstring for why float32 is not enough here)
+    launch([str(tiny_model), str(tevatron_file), str(tmp_path / "one"), "8", "0", "float64"], 1, tmp_path, 0)
+    launch([str(tiny_model), str(tevatron_file), str(tmp_path / "two"), "4", "0", "float64"], 2, tmp_path, 29523)
+    one = json.loads((tmp_path / "one" / "record.json").read_text())
+    two = json.loads((tmp_path / "two" / "record.json").read_text())
+    assert (one["num_processes"], two["num_processes"], one["queries"], two["queries"]) == (1, 2, 8, 8)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    g1 = safetensors.torch.load_file(str(tmp_path / "one" / "grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(tmp_path / "two" / "grads.safetensors"))
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-12, rtol=1e-9), f"{k}: {(g1[k] - g2[k]).abs().max()}"
+    # and the other process's passages really are in the loss: without them it would be lower
+    assert one["loss"] > 0
+
+
+def test_grad_cache_gradients_equal_uncached(tiny_model, tevatron_file, tmp_path):
+    for chunk, name in ((0, "plain"), (5, "cached")):
+        launch([str(tiny_model), str(tevatron_file), str(tmp_path / name), "8", str(chunk), "float64"], 1, tmp_path, 0)
+    plain = json.loads((tmp_path / "plain" / "record.json").read_text())
+    cached = json.loads((tmp_path / "cached" / "record.json").read_text())
+    assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-12)
+    g1 = safetensors.torch.load_file(str(tmp_path / "plain" / "grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(tmp_path / "cached" / "grads.safetensors"))
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-12, rtol=1e-9), k
+
+
+@pytest.fixture(scope="module")
+def beir_task(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("beir") / "docstrings"
+    write_retrieval_task(docstring_corpus(limit=500), folder)
+    # the same judgements as a train split and a dev split
+    (folder / "qrels" / "train.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
+    (folder / "qrels" / "dev.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
+    return folder
+
+
+def test_mining_never_returns_a_positive(tiny_model, beir_task, tmp_path):
+    from retromae.finetune.mine import MineConfig, mine_negatives
+    from retromae.retrieval.encoder import EncodeConfig
+
+    # give some queries several positives, so that dropping them is exercised
+    qrels = (beir_task / "qrels" / "train.tsv").read_text().splitlines()
+    extra = [f"q{i}\tdoc{i + 1}\t1" for i in range(0, 40, 2)]
+    folder = tmp_path / "multi"
+    import shutil
+
+    shutil.copytree(beir_task, folder)
+    (folder / "qrels" / "train.tsv").write_text("\n".join(qrels + extra) + "\n")
+    out = tmp_path / "mined.jsonl"
+    summary = mine_negatives(str(tiny_model), str(folder), str(out), "train",
+                             EncodeConfig(passage_max_len=48, precision="no"), MineConfig(depth=20, skip_top=2))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    data = load_training_data(str(folder), "beir", "train")
+    assert len(rows) == len(data.groups) == summary["queries"], "every training query is mined"
+    for row in rows:
+        assert row["negative_ids"] and not set(row["negative_ids"]) & set(row["positive_ids"])
+        assert len(row["negative_ids"]) == 20
+    # the mined file trains as is, against the folder's corpus
+    mined = load_training_data(str(out), "auto", corpus=str(folder))
+    assert len(mined.groups) == len(rows) and mined.groups[0].negatives
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query_id": "q1", "query": "a question", "positive_ids": []}', r"mined\.jsonl:2: query 'q1' has no positive"),
+    ('{"query_id": "q1", "query": "a question", "positive_ids": ["nope"]}', r"mined\.jsonl:2: passage id 'nope'"),
+    ('{"query_id": "q1", "query": "  ", "positive_ids": ["doc0"]}', r"mined\.jsonl:2: the query is empty"),
+    ('{"query_id": "q1", "positive_ids": ["doc0"]}', r"mined\.jsonl:2: no 'query' field"),
+])
+def test_bad_training_lines_are_named(beir_task, tmp_path, line, message):
+    path = tmp_path / "mined.jsonl"
+    path.write_text('{"query_id": "q0", "query": "fine", "positive_ids": ["doc0"], "negative_ids": ["doc1"]}\n'
+                    + line + "\n")
+    with pytest.raises(CorpusError, match=message):
+        load_training_data(str(path), "mined", corpus=str(beir_task))
+
+
+def test_bad_tevatron_line_is_named(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"query_id": "1", "query": "q", "positive_passages": [{"text": "p"}]}\n'
+                    '{"query_id": "2", "query": "q", "positive_passages": []}\n')
+    with pytest.raises(CorpusError, match=r"t\.jsonl:2: query '2' has no positive passage"):
+        load_training_data(str(path))
+
+
+def test_finetune_run_learns_and_exports(tiny_model, beir_task, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from retromae.finetune.run import load_finetune_config, run
+
+    overrides = {
+        "model.name_or_path": str(tiny_model), "data.train": str(beir_task), "data.group_size": 1,
+        "data.query_max_len": 24, "data.passage_max_len": 48, "loss.similarity": "cosine",
+        "loss.temperature": 0.05, "loss.pooling": "mean", "train.per_device_batch_size": 16, "train.max_steps": 30,
+        "train.lr": 1e-3, "train.report_to": "none", "train.cpu": True, "train.mixed_precision": "no",
+        "train.logging_steps": 5, "train.output_dir": str(tmp_path / "out"), "dev.dataset": str(beir_task),
+        "dev.every_steps": 10,
+    }
+    cfg = load_finetune_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    result = run(cfg)
+    history = result["history"]
+    assert history[-1]["loss/contrastive"] < history[0]["loss/contrastive"] - 0.3
+    dev = result["dev"]
+    assert [h["step"] for h in dev["history"]] == [10, 20, 30]
+    assert dev["best"] == max(h["ndcg@10"] for h in dev["history"])
+    st = SentenceTransformer(result["model_dir"], device="cpu")
+    vectors = st.encode(["open a file", "close the stream"])
+    assert abs(float((vectors[0] ** 2).sum()) - 1) < 1e-5, "cosine training exports a normalising model"
+    # the exported (best) model scores on dev what the selector measured
+    from retromae.retrieval.encoder import EncodeConfig
+    from retromae.retrieval.evaluate import SearchConfig, evaluate_model
+
+    again = evaluate_model(result["model_dir"], str(beir_task), "dev",
+                           EncodeConfig(query_max_len=24, passage_max_len=48, precision="no"),
+                           SearchConfig(metrics=["ndcg@10"]))
+    assert again["ndcg@10"] == pytest.approx(dev["best"], abs=1e-4)

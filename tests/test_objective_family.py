@@ -1,0 +1,258 @@
+"""DupMAE, contrastive span prediction (COSTA) and bag-of-words decoders: their math on hand-checkable cases,
+their named losses going down on real corpora, their cross-process negatives, and DupMAE's retrieval."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BEIR, tiny_config
+from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
+from retromae.objectives import build_objective_config, objective_class
+from retromae.objectives.bow import symmetric_infonce_sum
+from retromae.objectives.costa import group_contrastive_loss_sum, sample_spans
+from retromae.objectives.dupmae import bag_of_words, bag_of_words_loss_sum, max_pool_logits
+from retromae.rng import example_seeds
+
+PROBE = Path(__file__).resolve().parent / "helpers" / "objective_probe.py"
+
+
+def make(model_dir, name, **settings):
+    cfg = ModelConfig(name_or_path=str(model_dir), dropout=0.0)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    return objective_class(name)(load_masked_lm(cfg), tokenizer, build_objective_config({"name": name, **settings})), tokenizer
+
+
+def batch_of(tokenizer, texts, max_len=64):
+    enc = tokenizer(texts, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "seeds": example_seeds(5, 0, torch.arange(len(texts)))}
+
+
+# ----- DupMAE ---------------------------------------------------------------------------------------------
+
+
+def test_bag_of_words_target_and_max_pool_by_hand():
+    ids = torch.tensor([[0, 5, 7, 5, 1, 9], [0, 3, 1, 9, 9, 9]])  # 0 = [CLS], 1 = [SEP], 9 = [PAD]
+    ordinary = torch.tensor([[False, True, True, True, False, False], [False, True, False, False, False, False]])
+    bag = bag_of_words(ids, ordinary, 10)
+    assert bag[0].nonzero().flatten().tolist() == [5, 7] and bag[1].nonzero().flatten().tolist() == [3]
+    logits = torch.arange(2 * 6 * 10, dtype=torch.float).view(2, 6, 10) % 7
+    positions = torch.tensor([[False, True, False, True, True, False], [False, True, True, False, False, False]])
+    mu = max_pool_logits(logits, positions)
+    assert torch.equal(mu[0], torch.maximum(torch.maximum(logits[0, 1], logits[0, 3]), logits[0, 4]))
+    assert torch.equal(mu[1], torch.maximum(logits[1, 1], logits[1, 2]))
+    log_probs = mu.log_softmax(-1)
+    expected = -(log_probs[0, 5] + log_probs[0, 7]) / 2 - log_probs[1, 3]
+    assert bag_of_words_loss_sum(log_probs, bag).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dupmae_positions_and_losses(tiny_model, docstrings):
+    texts = [d["text"] for d in docstrings[:6]]
+    paper, tokenizer = make(tiny_model, "dupmae")
+    code, _ = make(tiny_model, "dupmae", bow_positions="all", bow_weight=0.1)
+    b1, b2 = paper.prepare(batch_of(tokenizer, texts)), code.prepare(batch_of(tokenizer, texts))
+    real = b1["attention_mask"].bool()
+    assert not b1["bow_positions"][:, 0].any() and not (b1["bow_positions"] & ~real).any()
+    assert not (b1["bow_positions"] & b1["encoder_mask"]).any(), "paper: unmasked positions only"
+    expected_all = real.clone()
+    expected_all[:, 0] = False
+    assert torch.equal(b2["bow_positions"], expected_all), "authors' code: every non-[CLS], non-pad position"
+    assert code.loss_weights["bow"] == 0.1 and paper.loss_weights["bow"] == 1.0
+    losses = paper(b1)
+    retro, _ = make(tiny_model, "retromae")
+    same = retro(retro.prepare(batch_of(tokenizer, texts)))
+    assert losses["mlm"].item() == pytest.approx(same["mlm"].item(), rel=1e-5), "MLM from the shared logits"
+    assert losses["decoder"].item() == pytest.approx(same["decoder"].item(), rel=1e-5)
+    vocab = paper.encoder.config.vocab_size
+    assert abs((losses["bow"] / paper.num_items(b1)["bow"]).item() - math.log(vocab)) < 1.0
+
+
+def test_dupmae_joint_score_equals_dense_computation(tiny_model, docstrings):
+    from retromae.objectives.dupmae import DupMAERepresentation, DupMAERepresentationConfig
+    from retromae.retrieval.encoder import EncodeConfig
+    from retromae.retrieval.hybrid import HybridEncoder, exact_search, pooled_search
+
+    cfg = ModelConfig(name_or_path=str(tiny_model))
+    rep = DupMAERepresentation(load_masked_lm(cfg), DupMAERepresentationConfig(dense_dim=16, topk=24)).eval()
+    encoder = HybridEncoder(None, EncodeConfig(query_max_len=32, passage_max_len=64, batch_size=7),
+                            representation=rep, tokenizer=load_tokenizer(cfg))
+    docs_text = [d["text"] for d in docstrings[:60]]
+    queries_text = [d["title"].replace(".", " ") for d in docstrings[:15]]
+    docs, queries = encoder.encode(docs_text, "passage"), encoder.encode(queries_text, "query")
+    # dense computation of [W h ; top-k mu] one text at a time
+    def joint(texts, max_len):
+        out = []
+        with torch.no_grad():
+            for t in texts:
+                f = encoder.tokenizer([t], truncation=True, max_length=max_len, return_tensors="pt")
+                d, v, i = rep(f["input_ids"], f["attention_mask"])
+                assert (v >= 0).all() and v.shape[-1] == 24
+                out.append(torch.cat([d, rep.densify(v, i)], -1)[0])
+        return torch.stack(out).double().numpy()
+    expected = joint(queries_text, 32) @ joint(docs_text, 64).T
+    scores, positions = exact_search(queries, docs, k=60)
+    got = np.zeros_like(expected)
+    np.put_along_axis(got, positions, scores, axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+    pooled_scores, pooled_positions = pooled_search(queries, docs, k=10, pool=60, use_gpu=False)
+    assert (pooled_positions == positions[:, :10]).all(), "a pool holding every document gives the exact ranking"
+
+
+# ----- COSTA ----------------------------------------------------------------------------------------------
+
+
+def test_spans_stay_inside_their_text(tiny_model, docstrings):
+    costa, tokenizer = make(tiny_model, "costa", span_lengths=[[1, 3], [4, 16], [16, 64], [64, 128]])
+    texts = [d["text"] for d in docstrings[:10]] + ["Tiny text."]
+    batch = costa.prepare(batch_of(tokenizer, texts, max_len=96))
+    ids, words = batch["input_ids"], batch["words"]
+    spans_per_text = 4 * 5
+    span_ids = batch["span_input_ids"].view(len(texts), spans_per_text, -1)
+    token_mask = batch["span_token_mask"].view(len(texts), spans_per_text, -1)
+    attention = batch["span_attention_mask"].view(len(texts), spans_per_text, -1)
+    for b in range(len(texts)):
+        text_tokens = ids[b][words[b] >= 0].tolist()
+        n = len(text_tokens)
+        for s in range(spans_per_text):
+            tokens = span_ids[b, s][token_mask[b, s]].tolist()
+            assert 1 <= len(tokens) <= n, "a span is never empty and never longer than its text"
+            lo, hi = [[1, 3], [4, 16], [16, 64], [64, 128]][s // 5]
+            assert len(tokens) == n if n < lo else lo <= len(tokens) <= min(hi, n)
+            starts = [i for i in range(n - len(tokens) + 1) if text_tokens[i : i + len(tokens)] == tokens]
+            assert starts, "a span is a contiguous piece of its own text: no padding, no special token"
+            row = span_ids[b, s][attention[b, s].bool()].tolist()
+            assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id and row[1:-1] == tokens
+
+
+def test_span_sampling_is_seeded_per_text():
+    lengths = torch.tensor([50, 200, 3])
+    seeds = example_seeds(1, 0, torch.tensor([7, 8, 9]))
+    a = sample_spans(lengths, seeds, [[1, 3], [64, 128]], 5)
+    b = sample_spans(lengths[1:2], seeds[1:2], [[1, 3], [64, 128]], 5)
+    assert torch.equal(a[0][1], b[0][0]) and torch.equal(a[1][1], b[1][0])
+    assert ((a[0] + a[1]) <= lengths[:, None]).all() and (a[0] >= 0).all()
+
+
+def test_group_contrastive_loss_by_hand():
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    spans = torch.tensor([[1.0, 0.2], [0.6, 0.8], [0.1, 1.0], [-1.0, 0.3]])
+    owner = torch.tensor([0, 0, 1, 1])  # text 0 owns spans 0, 1; text 1 owns spans 2, 3
+    tau = 0.5
+    sim = torch.nn.functional.normalize(texts, dim=-1) @ torch.nn.functional.normalize(spans, dim=-1).T / tau
+    def expected(own_in_denominator):
+        total = 0.0
+        for i, own in ((0, [0, 1]), (1, [2, 3])):
+            for p in own:
+                others = [a for a in range(4) if a not in own]
+                pool = list(range(4)) if own_in_denominator else [p] + others
+                total -= (sim[i, p] - torch.logsumexp(sim[i, pool], 0)).item() / len(own)
+        return total
+    for flag in (True, False):
+        got = group_contrastive_loss_sum(texts, spans, owner, 0, tau, flag).item()
+        assert got == pytest.approx(expected(flag), rel=1e-6)
+    # the positives are exactly the text's own spans: moving a span to the other text changes the loss
+    assert group_contrastive_loss_sum(texts, spans, torch.tensor([0, 1, 1, 1]), 0, tau, True).item() != pytest.approx(
+        expected(True), rel=1e-3)
+
+
+# ----- bag-of-words decoders ------------------------------------------------------------------------------
+
+
+def test_symmetric_infonce_by_hand():
+    a = torch.tensor([[1.0, 0.0, 0.5], [0.2, 1.0, 0.0], [0.0, 0.3, 1.0]])
+    b = torch.tensor([[0.9, 0.1, 0.4], [0.0, 1.0, 0.3], [0.5, 0.5, 0.5]])
+    tau = 0.1
+    na, nb = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+    s = na @ nb.T / tau
+    expected = 0.0
+    for i in range(3):
+        expected += (-(s[i, i] - torch.logsumexp(s[i], 0)) - (s[i, i] - torch.logsumexp(s[:, i], 0))).item() / 2
+    assert symmetric_infonce_sum(a, b, tau, cross_process=False).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bow_views_decoder_and_targets(tiny_model, docstrings):
+    bow, tokenizer = make(tiny_model, "bow")
+    batch = bow.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:8]]))
+    assert not torch.equal(batch["encoder_mask"], batch["second_mask"]), "two independent views"
+    assert bow.bow_decoder.word_embeddings.weight is bow.encoder.bert.embeddings.word_embeddings.weight
+    for b in range(8):
+        ordinary = batch["input_ids"][b][batch["words"][b] >= 0]
+        assert set(batch["bow_targets"][b].nonzero().flatten().tolist()) == set(ordinary.tolist())
+    losses, counts = bow(batch), bow.num_items(batch)
+    assert set(losses) == {"mlm", "bow", "contrast"} and counts["bow"].item() == 16
+    assert losses["contrast"].item() / 8 == pytest.approx(math.log(8), abs=0.05), "untrained views: near uniform"
+    prediction, _ = make(tiny_model, "bow", views=1, decoder="mlm_head", contrast_weight=0.0)
+    single = prediction.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:8]]))
+    assert set(prediction(single)) == {"mlm", "bow"} and not hasattr(prediction, "bow_decoder")
+    from retromae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="contrast_weight > 0 needs objective.views: 2"):
+        build_objective_config({"name": "bow", "views": 1})
+
+
+# ----- training: every named loss goes down; cross-process negatives are used -------------------------------
+
+
+@pytest.mark.skipif(not (BEIR / "cranfield").is_dir(), reason="../shared/data/beir is not present")
+@pytest.mark.parametrize("objective", [
+    {"name": "dupmae"},
+    {"name": "costa", "span_lengths": [[1, 3], [4, 16], [16, 32]], "spans_per_granularity": 3},
+    {"name": "bow"},
+    {"name": "bow", "views": 1, "decoder": "mlm_head", "contrast_weight": 0.0},
+])
+def test_every_named_loss_decreases_on_a_real_corpus(tiny_model, tmp_path, objective):
+    from retromae.pretrain import run
+
+    cfg = tiny_config(tiny_model, BEIR / "cranfield" / "corpus.jsonl", tmp_path, objective=objective,
+                      train={"max_steps": 40, "lr": 2e-3, "warmup_ratio": 0.0, "logging_steps": 10},
+                      data={"max_len": 64})
+    history = run(cfg)["history"]
+    names = [k for k in history[0] if k.startswith("loss/")]
+    assert len(names) >= 2
+    for name in names:
+        assert history[-1][name] < history[0][name], f"{name}: {history[0][name]:.4f} -> {history[-1][name]:.4f}"
+    assert (tmp_path / "model" / "pretraining" / "heads.safetensors").is_file()
+
+
+def launch(args, processes, cwd, port):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(PROBE), *args] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(PROBE), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((Path(args[2]) / "record.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, loss, port", [
+    ({"name": "costa", "span_lengths": [[1, 3], [4, 8]], "spans_per_granularity": 2}, "span", 29531),
+    ({"name": "bow"}, "contrast", 29541),
+])
+def test_cross_process_negatives_are_used(tiny_model, corpus_file, tmp_path, objective, loss, port):
+    """2 processes equal 1 process holding the global batch (float64: exact); dropping the other process's
+    spans / views changes the loss."""
+    spec = json.dumps(objective)
+    one = launch([str(tiny_model), str(corpus_file), str(tmp_path / "one"), "8", spec, "float64"], 1, tmp_path, 0)
+    two = launch([str(tiny_model), str(corpus_file), str(tmp_path / "two"), "4", spec, "float64"], 2, tmp_path, port)
+    local = launch([str(tiny_model), str(corpus_file), str(tmp_path / "local"), "4",
+                    json.dumps({**objective, "cross_process": False}), "float64"], 2, tmp_path, port + 1)
+    assert two["num_processes"] == 2
+    for name in one["means"]:
+        assert two["means"][name] == pytest.approx(one["means"][name], rel=1e-10)
+    assert abs(local["means"][loss] - two["means"][loss]) > 1e-3, "the other process's negatives are in the loss"
+    import safetensors.torch
+
+    g1 = safetensors.torch.load_file(str(tmp_path / "one" / "grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(tmp_path / "two" / "grads.safetensors"))
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-10, rtol=1e-7), k
