@@ -13,8 +13,16 @@ from retromae.io import atomic_directory, atomic_write_text
 logger = logging.getLogger(__name__)
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("searching needs faiss: pip install -e '.[cpu]' (or '.[gpu]' on CUDA machines)") from None
+    return faiss
+
+
 def faiss_gpus() -> int:
-    import faiss
+    faiss = _faiss()
 
     if not hasattr(faiss, "index_cpu_to_all_gpus") or not hasattr(faiss, "get_num_gpus"):
         return 0
@@ -30,7 +38,7 @@ class DenseIndex:
     """
 
     def __init__(self, dimension: int, factory: str = "Flat", use_gpu: str | bool = "auto", fp16: bool = True):
-        import faiss
+        faiss = _faiss()
 
         self.dimension, self.factory, self.fp16 = dimension, factory, fp16
         self.cpu_index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
