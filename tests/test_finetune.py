@@ -228,3 +228,45 @@ def test_finetune_run_learns_and_exports(tiny_model, beir_task, tmp_path):
                            EncodeConfig(query_max_len=24, passage_max_len=48, precision="no"),
                            SearchConfig(metrics=["ndcg@10"]))
     assert again["ndcg@10"] == pytest.approx(dev["best"], abs=1e-4)
+
+
+def test_hugging_face_dataset_and_teacher_scores(tmp_path, tevatron_file):
+    from retromae.finetune.data import read_teacher_scores
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(tevatron_file.read_text())
+    data = load_training_data(str(folder), "hf", "train")
+    assert len(data.groups) == 96 and len(data.groups[0].negatives) == 3
+    scores = tmp_path / "teacher.tsv"
+    scores.write_text("q1\td1\t3.5\nq1\td2\t-1\n")
+    assert read_teacher_scores(str(scores)) == {("q1", "d1"): 3.5, ("q1", "d2"): -1.0}
+    scores.write_text("q1\td1\t3.5\nq1\td2\n")
+    with pytest.raises(CorpusError, match=r"teacher\.tsv:2: expected"):
+        read_teacher_scores(str(scores))
+
+
+def test_dupmae_representation_fine_tunes_exports_and_evaluates(tiny_model, beir_task, tmp_path):
+    from retromae.finetune.run import load_finetune_config, run
+    from retromae.retrieval.encoder import EncodeConfig
+    from retromae.retrieval.evaluate import SearchConfig, evaluate_model
+
+    overrides = {
+        "model.name_or_path": str(tiny_model), "data.train": str(beir_task), "data.group_size": 1,
+        "data.query_max_len": 24, "data.passage_max_len": 48, "loss.representation": "dupmae",
+        "loss.dupmae_dense_dim": 16, "loss.dupmae_topk": 32, "train.per_device_batch_size": 16, "train.max_steps": 20,
+        "train.lr": 1e-3, "train.report_to": "none", "train.cpu": True, "train.mixed_precision": "no",
+        "train.logging_steps": 5, "train.output_dir": str(tmp_path / "out"), "dev.dataset": str(beir_task),
+        "dev.every_steps": 10,
+    }
+    result = run(load_finetune_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+    model = Path(result["model_dir"])
+    assert (model / "dupmae" / "dupmae.safetensors").is_file() and (model / "model.safetensors").is_file()
+    cfg = EncodeConfig(query_max_len=24, passage_max_len=48, precision="no")
+    exact = evaluate_model(str(model), str(beir_task), "dev", cfg, SearchConfig(metrics=["ndcg@10"],
+                                                                               representation="dupmae"))
+    assert exact["ndcg@10"] == pytest.approx(result["dev"]["best"], abs=1e-4), "the export scores what dev measured"
+    pooled = evaluate_model(str(model), str(beir_task), "dev", cfg, SearchConfig(
+        metrics=["ndcg@10"], representation="dupmae", hybrid_search="pooled", candidate_pool=10_000))
+    assert pooled["ndcg@10"] == pytest.approx(exact["ndcg@10"], abs=1e-9), "a pool of the whole corpus is exact"

@@ -16,13 +16,21 @@ def weights(path: Path) -> dict:
     return safetensors.torch.load_file(str(path / "model.safetensors"))
 
 
-def test_retromae_loss_goes_down(tiny_model, corpus_file, tmp_path):
+def test_retromae_loss_goes_down_and_is_logged(tiny_model, corpus_file, tmp_path):
     cfg = tiny_config(tiny_model, corpus_file, tmp_path, train={"max_steps": 30, "lr": 2e-3, "logging_steps": 5,
-                                                                   "warmup_ratio": 0.0})
+                                                                   "warmup_ratio": 0.0, "report_to": "tensorboard"})
     history = run(cfg)["history"]
     first, last = history[0], history[-1]
     assert last["loss/mlm"] < first["loss/mlm"] - 0.5
     assert last["loss/decoder"] < first["loss/decoder"] - 0.5
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "loss/mlm", "loss/decoder", "lr", "samples_per_second"} <= tags
+    logged = [e.value for e in events.Scalars("loss/decoder")]
+    assert len(logged) == 6 and logged[-1] == pytest.approx(last["loss/decoder"], rel=1e-6)
 
 
 def test_exact_resume_gives_the_same_weights(tiny_model, corpus_file, tmp_path):
