@@ -107,6 +107,76 @@ def test_dupmae_joint_score_equals_dense_computation(tiny_model, docstrings):
     assert (pooled_positions == positions[:, :10]).all(), "a pool holding every document gives the exact ranking"
 
 
+def _synthetic_hybrid(rng, n, vocab, topk, dense_scale, sparse_scale):
+    from scipy.sparse import csr_matrix
+
+    from retromae.retrieval.hybrid import HybridVectors
+
+    ids = np.stack([rng.choice(vocab, topk, replace=False) for _ in range(n)])
+    values = rng.random((n, topk)).astype(np.float32) * sparse_scale
+    sparse = csr_matrix((values.ravel(), ids.ravel(), np.arange(0, n * topk + 1, topk)), shape=(n, vocab))
+    return HybridVectors(rng.standard_normal((n, 8)).astype(np.float32) * dense_scale, sparse)
+
+
+def _same_top_k(queries, docs, pooled, k=10):
+    """The pooled top-k has the exact scores rank by rank, and the exact documents in every query without ties."""
+    from retromae.retrieval.hybrid import exact_search
+
+    exact_scores, exact_positions = exact_search(queries, docs, k=k + 1)  # one more: a tie across the cut
+    pooled_scores, pooled_positions = pooled
+    np.testing.assert_allclose(pooled_scores, exact_scores[:, :k], rtol=1e-5, atol=1e-5)
+    untied = (-np.diff(exact_scores, axis=1) > 1e-4).all(1)
+    assert untied.mean() > 0.5
+    for q in np.flatnonzero(untied):
+        assert list(pooled_positions[q]) == list(exact_positions[q, :k])
+
+
+def test_pooled_search_is_exact_when_the_sparse_part_decides():
+    from retromae.retrieval.hybrid import exact_search, pooled_search
+    from retromae.retrieval.index import DenseIndex
+
+    rng = np.random.default_rng(0)
+    # the sparse part dominates: a pool of dense candidates alone misses most of the true top-10
+    docs = _synthetic_hybrid(rng, 400, vocab=300, topk=6, dense_scale=0.1, sparse_scale=3.0)
+    queries = _synthetic_hybrid(rng, 25, vocab=300, topk=6, dense_scale=0.1, sparse_scale=3.0)
+    exact = exact_search(queries, docs, k=10)
+
+    index = DenseIndex(8, "Flat", use_gpu=False)
+    index.add(docs.dense, [str(i) for i in range(400)])
+    _, dense_pool = index.search(queries.dense, 30)
+    missed = sum(len(set(row) - {int(h) for h in pool}) for row, pool in zip(exact[1], dense_pool))
+    assert missed > 50, "the case must defeat a dense-only pool"
+    stats = {}
+    _same_top_k(queries, docs, pooled_search(queries, docs, k=10, pool=30, use_gpu=False, stats=stats))
+    assert stats["added_by_bound"] >= missed and stats["queries_scored_in_full"] == 0
+    # no sparse overlap at all and a pool no deeper than k: the bound cannot exclude anything, so full scoring
+    empty = type(queries)(queries.dense, queries.sparse.multiply(0).tocsr())
+    stats = {}
+    _same_top_k(empty, docs, pooled_search(empty, docs, k=10, pool=10, use_gpu=False, stats=stats))
+    assert stats["queries_scored_in_full"] == 25
+
+
+@pytest.mark.skipif(not (BEIR / "nfcorpus").is_dir(), reason="../shared/data/beir is not present")
+def test_pooled_search_equals_exact_on_nfcorpus(tiny_model):
+    """Real texts, an untrained (so arbitrary) sparse head: the worst case for a dense candidate pool."""
+    from retromae.objectives.dupmae import DupMAERepresentation, DupMAERepresentationConfig
+    from retromae.retrieval.data import load_beir_folder
+    from retromae.retrieval.encoder import EncodeConfig
+    from retromae.retrieval.hybrid import HybridEncoder, pooled_search
+
+    data = load_beir_folder(BEIR / "nfcorpus", "test")
+    ids, texts = data.passages(" ")
+    cfg = ModelConfig(name_or_path=str(tiny_model))
+    rep = DupMAERepresentation(load_masked_lm(cfg), DupMAERepresentationConfig(dense_dim=32, topk=64)).eval()
+    encoder = HybridEncoder(None, EncodeConfig(query_max_len=32, passage_max_len=96, batch_size=64),
+                            representation=rep, tokenizer=load_tokenizer(cfg))
+    docs = encoder.encode(texts, "passage")
+    queries = encoder.encode(list(data.queries.values()), "query")
+    stats = {}
+    _same_top_k(queries, docs, pooled_search(queries, docs, k=10, pool=100, use_gpu=False, stats=stats))
+    assert stats["added_by_bound"] > 0
+
+
 # ----- COSTA ----------------------------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 
 - exact: for corpora whose sparse matrix fits in memory: query batches times the dense matrix plus query batches
   times the sparse (CSR) matrix, then top-k.
-- pooled: for large corpora: FAISS retrieves a candidate pool by the dense part, which is re-scored exactly
-  with the sparse part (the top-k is exact whenever every true top-k document is in the pool).
+- pooled: for large corpora: FAISS retrieves a candidate pool by the dense part; the documents whose sparse
+  score could lift them into the top-k are added; all are re-scored exactly (with a Flat index the top-k is
+  exact, see `pooled_search`).
 """
 
 from __future__ import annotations
@@ -85,19 +86,56 @@ def exact_search(queries: HybridVectors, docs: HybridVectors, k: int, batch: int
 
 
 def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int = 1000, index_factory: str = "Flat",
-                  use_gpu="auto") -> tuple[np.ndarray, np.ndarray]:
-    """Dense FAISS retrieval of `pool` candidates per query, re-scored with dense + sparse; (scores, positions)."""
+                  use_gpu="auto", batch: int = 64, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Dense FAISS retrieval of `pool` candidates per query, completed by a bound, re-scored with dense + sparse.
+
+    A document outside the dense pool scores at most `floor + sparse(d)`, where `floor` is the pool's lowest dense
+    score. So every document whose sparse score could lift it above the pool's k-th joint score is added and
+    scored exactly: with an exact index ("Flat") the top-k equals `exact_search`'s, whatever the model (a pool
+    of dense candidates alone misses documents that win on their sparse part). The sparse scores come from one
+    sparse product per query batch (only documents sharing a vocabulary entry with the query have any), so no
+    (queries x corpus) dense matrix is ever built. A query whose pool is too shallow for even a zero sparse
+    score to be bounded (k-th joint score <= floor) is scored against the whole corpus. `stats`, if given,
+    receives the number of documents added by the bound and of queries scored in full.
+    """
     from retromae.retrieval.index import DenseIndex
 
     index = DenseIndex(docs.dense.shape[1], index_factory, use_gpu)
     index.add(docs.dense, [str(i) for i in range(docs.dense.shape[0])])
-    _, hits = index.search(queries.dense, max(pool, k))
-    k = min(k, docs.dense.shape[0])
+    pool_scores, hits = index.search(queries.dense, max(pool, k))
+    n_docs = docs.dense.shape[0]
+    k = min(k, n_docs)
     scores_out = np.zeros((len(hits), k), dtype=np.float32)
     positions_out = np.zeros((len(hits), k), dtype=np.int64)
-    for q, row in enumerate(hits):
-        candidates = np.array([int(h) for h in row])
-        scores = queries.dense[q] @ docs.dense[candidates].T + (queries.sparse[q] @ docs.sparse[candidates].T).toarray()[0]
-        order = np.argsort(-scores, kind="stable")[:k]
-        scores_out[q, : len(order)], positions_out[q, : len(order)] = scores[order], candidates[order]
+    added = full = 0
+    for start in range(0, len(hits), batch):
+        sparse_rows = (queries.sparse[start : start + batch] @ docs.sparse.T).tocsr()
+        for offset in range(sparse_rows.shape[0]):
+            q = start + offset
+            sparse = sparse_rows[offset]
+            candidates = np.array([int(h) for h in hits[q]], dtype=np.int64)
+            if len(candidates) < n_docs:
+                joint = _joint(queries, docs, q, candidates, sparse)
+                kth = np.partition(joint, len(joint) - k)[len(joint) - k]
+                floor = float(pool_scores[q, len(candidates) - 1])
+                # float32 (or fp16 on GPUs) search scores: a margin keeps borderline documents in rather than out
+                margin = 1e-3 * max(abs(kth), 1.0)
+                if kth <= floor + margin:  # documents sharing no vocabulary entry with the query could beat the pool
+                    candidates = np.arange(n_docs)
+                    full += 1
+                else:
+                    lifted = sparse.indices[sparse.data + floor >= kth - margin]
+                    extra = np.setdiff1d(lifted, candidates, assume_unique=False)
+                    added += len(extra)
+                    candidates = np.concatenate([candidates, extra])
+            joint = _joint(queries, docs, q, candidates, sparse)
+            order = np.lexsort((candidates, -joint))[:k]
+            scores_out[q, : len(order)], positions_out[q, : len(order)] = joint[order], candidates[order]
+    if stats is not None:
+        stats.update(added_by_bound=added, queries_scored_in_full=full)
     return scores_out, positions_out
+
+
+def _joint(queries: HybridVectors, docs: HybridVectors, q: int, candidates: np.ndarray, sparse_row) -> np.ndarray:
+    """Exact dense + sparse scores of one query against some documents (`sparse_row`: its (1, N) sparse scores)."""
+    return queries.dense[q] @ docs.dense[candidates].T + sparse_row[:, candidates].toarray()[0]
