@@ -52,10 +52,11 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_masked_lm(cfg: ModelConfig):
-    """The encoder with its MLM head; a checkpoint without a head (e.g. a sentence-transformers model) gets a
-    fresh one, tied to the word embeddings."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
+def load_pretrained(auto_class, cfg: ModelConfig):
+    """`auto_class.from_pretrained` with the config's dropout, attention implementation and revision, fp32 weights
+    whatever the checkpoint stores (transformers 5 would keep a fp16/bf16 checkpoint's dtype; mixed precision is
+    autocast's job), and gradient checkpointing if asked."""
+    from transformers import AutoConfig
 
     path = resolve_model_path(cfg.name_or_path)
     config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -63,16 +64,22 @@ def load_masked_lm(cfg: ModelConfig):
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, attr):
                 setattr(config, attr, cfg.dropout)
-    # fp32 master weights whatever the checkpoint stores (transformers 5 would keep a fp16/bf16 checkpoint's dtype);
-    # mixed precision is autocast's job.
     kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
               "dtype": torch.float32}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+    model = auto_class.from_pretrained(path, **kwargs)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def load_masked_lm(cfg: ModelConfig):
+    """The encoder with its MLM head; a checkpoint without a head (e.g. a sentence-transformers model) gets a
+    fresh one, tied to the word embeddings."""
+    from transformers import AutoModelForMaskedLM
+
+    return load_pretrained(AutoModelForMaskedLM, cfg)
 
 
 def base_model(mlm) -> nn.Module:

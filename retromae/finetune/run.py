@@ -72,27 +72,15 @@ def load_finetune_config(path: str | None, overrides: list[str] = ()) -> Finetun
 
 
 def load_encoder(cfg: ModelConfig):
-    """The encoder body (no pooler: retrieval reads the last hidden states), fp32 weights."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """The encoder body (no pooler: retrieval reads the last hidden states), fp32 weights, and its tokenizer."""
+    from transformers import AutoModel
 
-    path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    if cfg.dropout is not None:
-        for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-            if hasattr(config, attr):
-                setattr(config, attr, cfg.dropout)
-    kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
-              "dtype": torch.float32}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModel.from_pretrained(path, **kwargs)
+    from retromae.modeling import load_pretrained, load_tokenizer
+
+    model = load_pretrained(AutoModel, cfg)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused by CLS / mean pooling; left in, DDP would report unused parameters
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.name_or_path),
-                                              trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(cfg)
 
 
 def build_bi_encoder(cfg: FinetuneConfig):

@@ -65,8 +65,11 @@ class HybridEncoder:
 
 
 def joint_scores(queries: HybridVectors, docs: HybridVectors, rows: slice) -> np.ndarray:
-    """(len(rows), N) dense dot + sparse dot for a slice of the queries."""
-    dense = queries.dense[rows] @ docs.dense.T
+    """(len(rows), N) dense dot + sparse dot for a slice of the queries.
+
+    In float64, as `pooled_search` computes them: a float32 matrix product and a float32 matrix-vector product sum
+    in different orders, and near-ties would rank differently on the two paths."""
+    dense = queries.dense[rows].astype(np.float64) @ docs.dense.T.astype(np.float64)
     sparse = (queries.sparse[rows] @ docs.sparse.T).toarray()
     return dense + sparse
 
@@ -82,7 +85,7 @@ def exact_search(queries: HybridVectors, docs: HybridVectors, k: int, batch: int
         order = np.argsort(-top_scores, axis=1, kind="stable")
         all_positions.append(np.take_along_axis(top, order, 1))
         all_scores.append(np.take_along_axis(top_scores, order, 1))
-    return np.concatenate(all_scores), np.concatenate(all_positions)
+    return np.concatenate(all_scores).astype(np.float32), np.concatenate(all_positions)
 
 
 def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int = 1000, index_factory: str = "Flat",
@@ -138,4 +141,5 @@ def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int
 
 def _joint(queries: HybridVectors, docs: HybridVectors, q: int, candidates: np.ndarray, sparse_row) -> np.ndarray:
     """Exact dense + sparse scores of one query against some documents (`sparse_row`: its (1, N) sparse scores)."""
-    return queries.dense[q] @ docs.dense[candidates].T + sparse_row[:, candidates].toarray()[0]
+    dense = queries.dense[q].astype(np.float64) @ docs.dense[candidates].T.astype(np.float64)
+    return dense + sparse_row[:, candidates].toarray()[0]
