@@ -76,6 +76,26 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
             yield number, line.rstrip("\r\n")
 
 
+def json_records(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, blank lines skipped; a line that is not a JSON object or lacks
+    a `required` field is an error naming the file and line."""
+    rows = []
+    for number, line in _lines(str(path)):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise CorpusError(f"{path}:{number}: expected a JSON object")
+        for key in required:
+            if key not in record:
+                raise CorpusError(f"{path}:{number}: no '{key}' field (fields: {', '.join(record) or 'none'})")
+        rows.append((number, record))
+    return rows
+
+
 def _empty(path: str, number: int, fields: TextFields, what: str = "line") -> bool:
     if fields.skip_empty:
         return True

@@ -9,7 +9,6 @@ negatives alone (its other slots are padding, masked out of the loss).
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from retromae.config import ConfigError
-from retromae.data.corpus import CorpusError, _lines
+from retromae.data.corpus import CorpusError, _lines, json_records
 from retromae.rng import mix32_int
 
 FORMATS = ("auto", "beir", "msmarco", "tevatron", "mined", "hf")
@@ -91,16 +90,7 @@ def load_beir_groups(folder: str, split: str, title_separator: str) -> TrainingD
 def read_mined(path: str) -> tuple[list[Group], dict[str, int]]:
     """Our mined format: one JSON object per line {query_id, query, positive_ids, negative_ids}."""
     groups, lines = [], {}
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        for key in ("query_id", "query", "positive_ids"):
-            if key not in r:
-                raise CorpusError(f"{path}:{number}: no '{key}' field (fields: {', '.join(r) or 'none'})")
+    for number, r in json_records(path, ("query_id", "query", "positive_ids")):
         if not str(r["query"]).strip():
             raise CorpusError(f"{path}:{number}: the query is empty")
         if not r["positive_ids"]:
@@ -119,13 +109,7 @@ def _passage_text(p: dict, title_separator: str) -> str:
 def read_tevatron(path: str, title_separator: str) -> list[Group]:
     """Tevatron JSON lines: {query_id, query, positive_passages: [{docid, title, text}], negative_passages: [...]}."""
     groups = []
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for number, r in json_records(path):
         groups.append(_tevatron_group(r, f"{path}:{number}", title_separator))
     return groups
 

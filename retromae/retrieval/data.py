@@ -6,12 +6,11 @@ is reported with its file and line; BEIR's `GenericDataLoader` reads the same la
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retromae.data.corpus import CorpusError, _lines
+from retromae.data.corpus import CorpusError, _lines, json_records
 
 
 @dataclass
@@ -34,27 +33,9 @@ class RetrievalData:
         return ids, texts
 
 
-def _json_lines(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    rows = []
-    for number, line in _lines(str(path)):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise CorpusError(f"{path}:{number}: expected a JSON object")
-        for key in required:
-            if key not in record:
-                raise CorpusError(f"{path}:{number}: no '{key}' field (fields: {', '.join(record) or 'none'})")
-        rows.append((number, record))
-    return rows
-
-
 def read_beir_corpus(path: Path) -> dict[str, dict[str, str]]:
     corpus = {}
-    for number, record in _json_lines(path, ("_id", "text")):
+    for number, record in json_records(path, ("_id", "text")):
         doc_id = str(record["_id"])
         if doc_id in corpus:
             raise CorpusError(f"{path}:{number}: document id {doc_id!r} appears twice")
@@ -64,7 +45,7 @@ def read_beir_corpus(path: Path) -> dict[str, dict[str, str]]:
 
 def read_beir_queries(path: Path) -> dict[str, str]:
     queries = {}
-    for number, record in _json_lines(path, ("_id", "text")):
+    for number, record in json_records(path, ("_id", "text")):
         text = str(record["text"] or "").strip()
         if not text:
             raise CorpusError(f"{path}:{number}: query {record['_id']!r} is empty")
@@ -218,6 +199,5 @@ def write_trec_run(path: str | Path, run: dict[str, dict[str, float]], name: str
         for rank, (doc_id, score) in enumerate(top_k_trec_order(docs, len(docs)).items(), start=1):
             lines.append(f"{qid} Q0 {doc_id} {rank} {score:.6f} {name}\n")
     atomic_write_text(path, "".join(lines))
-
 
 
