@@ -13,20 +13,51 @@ import sys
 from retromae.config import ConfigError
 from retromae.data.corpus import CorpusError
 from retromae.masking import TokenizerError
+from retromae.retrieval.metrics import DEFAULT_METRICS
+
+DESCRIPTION = ("Retrieval-oriented pretraining of text encoders (RetroMAE and its family), contrastive fine-tuning and "
+               "FAISS evaluation. Every command runs the same under `accelerate launch -m retromae ...`.")
 
 USER_ERRORS = (ConfigError, CorpusError, TokenizerError, FileNotFoundError)
 
+# Libraries that log routine events at INFO (accelerate at every checkpoint, faiss's loader about optional builds)
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "datasets", "accelerate", "faiss", "huggingface_hub",
+                 "sentence_transformers", "torch.distributed", "tensorboard")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one worth showing (not None / False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _objective_names() -> str:
+    from retromae.objectives.base import _REGISTRY, objective_class
+
+    objective_class("mlm")  # imports every objective module
+    return ", ".join(sorted(_REGISTRY))
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retromae", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain an encoder with a masked-autoencoder objective")
+    from retromae import __version__
+
+    parser = argparse.ArgumentParser(prog="retromae", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"retromae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = _HelpFormatter
+    p = sub.add_parser("pretrain", help="pretrain an encoder with a masked-autoencoder objective",
+                       description="Pretrain an encoder. Objectives (objective.name): " + _objective_names()
+                       + ". Recipes: pretrain/*.yaml.")
     p.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_nfcorpus_small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 objective.decoding=basic")
     f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
     f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
-    m = sub.add_parser("mine", help="mine hard negatives for every training query with a model's dense retrieval")
+    m = sub.add_parser("mine", help="mine hard negatives for every training query with a model's dense retrieval",
+                       formatter_class=defaults)
     m.add_argument("--model", required=True, help="the model that retrieves (e.g. the stage-1 fine-tuned model)")
     m.add_argument("--data", required=True, help="BEIR folder (qrels split) or MS MARCO folder with training queries")
     m.add_argument("--output", required=True, help="the mined training file (JSON lines)")
@@ -40,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo", help="where the corpus, logs and model go")
     d.add_argument("--config", default=None, help="recipe to use instead of pretrain/demo.yaml")
     d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
-    e = sub.add_parser("evaluate", help="encode, index (FAISS), search and score a model on MS MARCO / BEIR data")
+    e = sub.add_parser("evaluate", help="encode, index (FAISS), search and score a model on MS MARCO / BEIR data",
+                       formatter_class=defaults)
     e.add_argument("--model", required=True, help="model folder, hub id, or pkg:MODULE")
     target = e.add_mutually_exclusive_group(required=True)
     target.add_argument("--dataset", help="local BEIR or MS MARCO folder, or a BEIR name on the hub (e.g. nfcorpus)")
@@ -50,18 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--run", default=None, help="write the run in TREC format here")
     e.add_argument("--data-root", default=None, help="with --suite: folder holding the datasets")
     _add_encode_arguments(e)
-    e.add_argument("--metrics", nargs="+", default=None, help="e.g. ndcg@10 recall@100 mrr@10 map")
-    e.add_argument("--depth", type=int, default=0, help="documents retrieved per query (0: largest cut-off, >= 100)")
-    e.add_argument("--index", default="Flat", help="faiss factory string (Flat = exact inner product)")
-    e.add_argument("--gpu-index", default="auto", choices=["auto", "true", "false"], help="faiss index on GPUs")
-    e.add_argument("--keep-identical-ids", action="store_true", help="do not drop documents whose id is the query id")
-    e.add_argument("--title-separator", default=None, help='between title and text (default " ")')
-    e.add_argument("--representation", default="dense", choices=["dense", "dupmae"],
-                   help="dupmae: [W h ; top-k mu] scored as dense dot + sparse dot")
-    e.add_argument("--hybrid-search", default="exact", choices=["exact", "pooled"],
-                   help="dupmae: exact sparse product, or a FAISS pool re-scored (large corpora)")
-    e.add_argument("--candidate-pool", type=int, default=1000, help="dupmae pooled search: candidates per query")
-    c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)")
+    # Search options default to None: left out, they keep the suite's (or SearchConfig's) values.
+    e.add_argument("--metrics", nargs="+", help="e.g. ndcg@10 recall@100 mrr@10 map (default: " +
+                   " ".join(DEFAULT_METRICS) + ")")
+    e.add_argument("--depth", type=int, help="documents retrieved per query (default: the largest cut-off, >= 100)")
+    e.add_argument("--index", help="faiss factory string (default: Flat, exact inner product)")
+    e.add_argument("--gpu-index", choices=["auto", "true", "false"], help="search on GPUs (default: auto)")
+    e.add_argument("--keep-identical-ids", action="store_const", const=True,
+                   help="do not drop documents whose id is the query id (BEIR's rule; off by default for MS MARCO)")
+    e.add_argument("--title-separator", help='between title and text (default " ")')
+    e.add_argument("--representation", choices=["dense", "dupmae"],
+                   help="dupmae: [W h ; top-k mu] scored as dense dot + sparse dot (default: dense)")
+    e.add_argument("--hybrid-search", choices=["exact", "pooled"],
+                   help="dupmae: exact sparse product, or a FAISS pool re-scored (large corpora; default: exact)")
+    e.add_argument("--candidate-pool", type=int, help="dupmae pooled search: candidates per query (default: 1000)")
+    c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)",
+                       formatter_class=defaults)
     c.add_argument("--model", required=True)
     c.add_argument("--corpus", required=True, help="BEIR / MS MARCO folder, or a BEIR corpus.jsonl")
     c.add_argument("--output", required=True, help="folder for shard-*.npy and shard-*.ids")
@@ -72,15 +108,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
     """Encoding options; left out, they keep the recipe's (or EncodeConfig's) values."""
-    p.add_argument("--pooling", choices=["auto", "cls", "mean"], help="default: auto (the model's own, else cls)")
+    p.add_argument("--pooling", choices=["auto", "cls", "mean"], help="default: the model's own (sentence-transformers "
+                   "config), else cls")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction,
-                   help="L2-normalise (default: as the model's sentence-transformers config says)")
-    p.add_argument("--query-max-len", type=int, help="default 64")
-    p.add_argument("--passage-max-len", type=int, help="default 256")
-    p.add_argument("--query-prefix")
-    p.add_argument("--passage-prefix")
+                   help="L2-normalise (default: as the model declares: a Normalize module or cosine similarity)")
+    p.add_argument("--query-max-len", type=int, help="default: the model's max_seq_length, as encode_query")
+    p.add_argument("--passage-max-len", type=int, help="default: the model's max_seq_length (else its position limit)")
+    p.add_argument("--query-prefix", help='default: the model\'s "query" prompt')
+    p.add_argument("--passage-prefix", help='default: the model\'s "document" prompt')
     p.add_argument("--batch-size", type=int, help="default 128")
-    p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], help="default: auto")
+    p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], help="default: auto (bf16 where the "
+                   "hardware has it)")
 
 
 _ENCODE_FIELDS = ("pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix",
@@ -96,23 +134,25 @@ def _encode_config(args, base=None):
     return replace(base or EncodeConfig(), **given)
 
 
+_SEARCH_OPTIONS = {"depth": "depth", "index": "index", "gpu_index": "use_gpu", "representation": "representation",
+                   "hybrid_search": "hybrid_search", "candidate_pool": "candidate_pool", "metrics": "metrics",
+                   "title_separator": "title_separator"}
+
+
 def _evaluate(args) -> None:
-    from dataclasses import asdict
+    from dataclasses import replace
 
     from retromae.retrieval.evaluate import SearchConfig, check_metrics, evaluate_model, format_table, load_suite, run_suite
 
-    search_overrides = {"depth": args.depth, "index": args.index, "use_gpu": args.gpu_index,
-                        "ignore_identical_ids": not args.keep_identical_ids, "representation": args.representation,
-                        "hybrid_search": args.hybrid_search, "candidate_pool": args.candidate_pool}
+    search_overrides = {field: getattr(args, option) for option, field in _SEARCH_OPTIONS.items()
+                        if getattr(args, option) is not None}
+    if args.keep_identical_ids:
+        search_overrides["ignore_identical_ids"] = False
     if args.metrics:
         check_metrics(args.metrics)
-        search_overrides["metrics"] = args.metrics
-    if args.title_separator is not None:
-        search_overrides["title_separator"] = args.title_separator
     if args.suite:
         suite = load_suite(args.suite)
-        suite.search = SearchConfig(**{**asdict(suite.search), **search_overrides,
-                                       **({} if args.metrics else {"metrics": suite.search.metrics})})
+        suite.search = replace(suite.search, **search_overrides)
         suite.encode = _encode_config(args, suite.encode)
         if args.data_root:
             suite.data_root = args.data_root
@@ -153,8 +193,11 @@ def _encode(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # accelerate warns at every checkpoint that tied weights (the MLM head's matrix is the word embeddings) are
+    # saved once: expected here, and they are tied again on load
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
     try:
         if args.command == "pretrain":
             from retromae.pretrain import load_config, run
@@ -183,7 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"retromae: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Destroy the launch's process group once the command is done (not before: exports and final barriers use it;
+    accelerate's end_training would destroy it too early)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,7 +20,30 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says where and what to do."""
+    """A config file or override that cannot be used; the message says where and what to do.
+
+    `key`: the field at fault, when a `validate()` raises it, so that `build` can name its line."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true / false. YAML 1.1 also reads yes / no / on / off as booleans, so
+    `mixed_precision: no` arrived as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -47,7 +71,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[tuple[str, ...], int]]:
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -65,13 +89,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=2e-5")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], lines: dict | None = None) -> dict:
+    """Apply dotted `key=value` overrides to `data`. If `lines` (a key path -> line map of the YAML file) is given,
+    every overridden path is re-pointed at its override, so errors name the command line, not the file."""
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -80,11 +106,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 node[k] = {}
             node = node[k]
         node[keys[-1]] = value
+        if lines is not None:
+            path = tuple(keys)
+            for known in [p for p in lines if p[: len(path)] == path]:
+                del lines[known]
+            lines[path] = f"command-line override {item!r}"
     return data
 
 
 def _where(source: str, lines: dict, path: tuple[str, ...]) -> str:
+    """'file:line' of a key, the override that set it, or the file."""
     line = lines.get(path)
+    if isinstance(line, str):
+        return line
     return f"{source}:{line}" if line else source
 
 
@@ -185,7 +219,8 @@ def build(cls, data: dict | None, source: str = "<config>", lines: dict | None =
         try:
             check()
         except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+            where = _where(source, lines, path + (err.key,)) if err.key else _where(source, {}, path)
+            raise ConfigError(f"{where}: {err}") from None
     return obj
 
 

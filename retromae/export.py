@@ -3,7 +3,6 @@ pretraining heads beside it so that pretraining can be continued from it."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -11,30 +10,20 @@ import safetensors.torch
 
 from retromae.config import dump_yaml
 from retromae.io import atomic_directory
-from retromae.modeling import base_model, heads_path
+from retromae.modeling import base_model, heads_path, quiet_loading
 
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    import transformers
-
-    level = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(level)
-
-
 def write_encoder(body, tokenizer, folder: Path, max_seq_length: int, pooling: str = "cls",
-                  normalize: bool = False) -> None:
+                  normalize: bool = False, query_prefix: str = "", passage_prefix: str = "") -> None:
     """Write an encoder body into `folder` as a Hugging Face model (config.json, model.safetensors, tokenizer)
-    that is also a sentence-transformers model (modules.json, 1_Pooling/ [, 2_Normalize/])."""
+    that is also a sentence-transformers model (modules.json, 1_Pooling/ [, 2_Normalize/]) declaring how it
+    encodes: its token limit, its query / document prompts, and its similarity (cosine when normalised, else dot),
+    which `retromae evaluate` reads back (retromae.sentence_config)."""
     from sentence_transformers import SentenceTransformer, models
 
-    with _quiet_transformers():
+    with quiet_loading():
         body.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         transformer = models.Transformer(str(folder), max_seq_length=max_seq_length)
@@ -42,7 +31,9 @@ def write_encoder(body, tokenizer, folder: Path, max_seq_length: int, pooling: s
         modules = [transformer, models.Pooling(dimension(), pooling_mode=pooling)]
         if normalize:
             modules.append(models.Normalize())
-        SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+        model = SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="cosine" if normalize else "dot",
+                                    prompts={"query": query_prefix, "document": passage_prefix})
+        model.save(str(folder))
 
 
 def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512,
@@ -65,25 +56,28 @@ def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max
     return out_dir
 
 
-def export_bi_encoder(bi_encoder, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512) -> Path:
+def export_bi_encoder(bi_encoder, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512,
+                      query_prefix: str = "", passage_prefix: str = "") -> Path:
     """Write a fine-tuned bi-encoder atomically: the (passage) encoder at `out_dir` as a Hugging Face and
-    sentence-transformers model with the pooling and normalisation it was trained with; with separate encoders,
-    the query encoder likewise in `out_dir/query_encoder`."""
+    sentence-transformers model with the pooling, normalisation, passage length and prefixes it was trained
+    with; with separate encoders, the query encoder likewise in `out_dir/query_encoder` (which `retromae
+    evaluate` and `retromae mine` use for the queries)."""
     out_dir = Path(out_dir)
     cfg = bi_encoder.cfg
     normalize = cfg.similarity == "cosine"
+    prompts = {"query_prefix": query_prefix, "passage_prefix": passage_prefix}
     with atomic_directory(out_dir) as tmp:
         if cfg.representation == "dupmae":  # the body, plus dupmae/ (MLM head, W) for `--representation dupmae`
-            write_encoder(base_model(bi_encoder.encoder.mlm), tokenizer, tmp, max_seq_length, "cls", False)
+            write_encoder(base_model(bi_encoder.encoder.mlm), tokenizer, tmp, max_seq_length, "cls", False, **prompts)
             bi_encoder.encoder.save(tmp / "dupmae")
             if run_config is not None:
                 dump_yaml(run_config, tmp / "finetune_config.yaml")
             return out_dir
-        write_encoder(bi_encoder.encoder, tokenizer, tmp, max_seq_length, cfg.pooling, normalize)
+        write_encoder(bi_encoder.encoder, tokenizer, tmp, max_seq_length, cfg.pooling, normalize, **prompts)
         if bi_encoder.query_encoder is not None:
             (tmp / "query_encoder").mkdir()
             write_encoder(bi_encoder.query_encoder, tokenizer, tmp / "query_encoder", max_seq_length, cfg.pooling,
-                          normalize)
+                          normalize, **prompts)
         if run_config is not None:
             dump_yaml(run_config, tmp / "finetune_config.yaml")
     logger.info("exported the bi-encoder to %s", out_dir)

@@ -34,3 +34,11 @@ def resolve_precision(setting: str, device_type: str) -> str:
     if device_type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "no"
     return "no"
+
+
+def precision_reason(device_type: str) -> str:
+    """Why `auto` chose what it chose, for the log."""
+    if device_type == "cuda":
+        return "GPU with bf16" if torch.cuda.is_bf16_supported() else "GPU without bf16"
+    flags = sorted({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    return f"CPU with {', '.join(flags)}" if flags else "CPU without bf16 hardware: bf16 would be emulated, slower"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -45,11 +47,92 @@ def resolve_model_path(name: str) -> str:
         raise ConfigError(f"model {name!r}: package {module!r} is not installed (pip install -e '.[demo]')") from None
 
 
+def looks_local(name: str) -> bool:
+    """A reference that can only mean a local folder: absolute, relative (./ ../ ~), or with more than one '/'
+    (hub ids are NAME or OWNER/NAME)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(name: str, what: str = "model.name_or_path") -> str:
+    """Resolve `name` and check what can be checked before loading anything: a local folder must exist and hold a
+    model (config.json). Returns the resolved path or hub id."""
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        needed = ("tokenizer_config.json", "tokenizer.json", "vocab.txt") if what.endswith("tokenizer") else (
+            "config.json",)
+        if not any(os.path.isfile(os.path.join(path, n)) for n in needed):
+            raise ConfigError(f"{what}={name!r}: the folder {path} holds no {' / '.join(needed)}, so it is not a "
+                              "Hugging Face model folder (an exported model is OUTPUT_DIR/model)")
+        return path
+    if os.path.exists(path):
+        raise ConfigError(f"{what}={name!r}: {path} is a file; give the model's folder")
+    if looks_local(path):
+        raise ConfigError(f"{what}={name!r}: no such folder (relative to {os.getcwd()})")
+    return path
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' loading progress bars and reports off: the caller says in one line what matters."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used from here (offline mode, no route to it), or None.
+
+    Asked once per process, in at most a few seconds: without it, an offline machine spends ~30 s in the hub
+    client's retries before any "not found" can be said."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as err:
+        return f"{host} cannot be reached: {err.strerror or err}"
+    return None
+
+
+def from_pretrained(factory, name: str, what: str = "model.name_or_path", **kwargs):
+    """`factory.from_pretrained(name, ...)` quietly, with a one-line error for a model that cannot be had (not on
+    disk, not in the local hub cache, not on the hub). When the hub cannot be reached, only the cache is tried."""
+    path = check_model_source(name, what)
+    offline = None if os.path.isdir(path) else hub_unreachable()
+    if offline:
+        kwargs["local_files_only"] = True
+    try:
+        with quiet_loading():
+            return factory.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(path):
+            raise
+        reason = offline or (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{what}={name!r}: not a local folder (relative to {os.getcwd()}), not in the local "
+                          f"Hugging Face cache, and the hub could not provide it ({reason})") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    name = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
-    return AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return from_pretrained(AutoTokenizer, cfg.tokenizer or cfg.name_or_path,
+                           "model.tokenizer" if cfg.tokenizer else "model.name_or_path",
+                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_pretrained(auto_class, cfg: ModelConfig):
@@ -58,20 +141,37 @@ def load_pretrained(auto_class, cfg: ModelConfig):
     autocast's job), and gradient checkpointing if asked."""
     from transformers import AutoConfig
 
-    path = resolve_model_path(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = from_pretrained(AutoConfig, cfg.name_or_path, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code)
     if cfg.dropout is not None:
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, attr):
                 setattr(config, attr, cfg.dropout)
     kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
-              "dtype": torch.float32}
+              "dtype": torch.float32, "output_loading_info": True}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = auto_class.from_pretrained(path, **kwargs)
+    model, info = from_pretrained(auto_class, cfg.name_or_path, **kwargs)
+    _report_loading(model, info, cfg.name_or_path)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _report_loading(model, info: dict, name: str) -> None:
+    """One line for what transformers would print as a table: a head that starts fresh is expected (an encoder-only
+    or sentence-transformers checkpoint has none); other missing weights are worth a warning."""
+    # the pooler is never used here (retrieval reads the last hidden states; fine-tuning drops it)
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
+    head = tuple(f"{a}." for a in _HEAD_ATTRIBUTES)
+    fresh_head = [k for k in missing if k.startswith(head)]
+    other = [k for k in missing if not k.startswith(head)]
+    if fresh_head:
+        logger.info("%s has no MLM head: a fresh one is initialised (its output matrix tied to the word embeddings)",
+                    name)
+    if other:
+        logger.warning("%s lacks %d weight(s) of %s, freshly initialised: %s", name, len(other),
+                       type(model).__name__, ", ".join(other[:8]) + (" ..." if len(other) > 8 else ""))
 
 
 def load_masked_lm(cfg: ModelConfig):

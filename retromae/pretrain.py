@@ -10,7 +10,16 @@ from retromae.config import apply_overrides, build, load_yaml, to_dict
 from retromae.data.batches import StoreBatches, StreamBatches
 from retromae.data.examples import DataConfig, build_example_store, build_example_stream
 from retromae.export import export_model, load_heads_if_present
-from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer, resolve_model_path
+from retromae.data.corpus import check_sources
+from retromae.modeling import (
+    ModelConfig,
+    check_model_source,
+    load_masked_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
+from retromae.runs import claim_output_dir
+from retromae.sentence_config import default_max_length, read_settings
 from retromae.objectives import ObjectiveConfig, build_objective_config, objective_class
 from retromae.trainer import TrainConfig, Trainer, make_accelerator
 
@@ -32,12 +41,12 @@ def load_config(path: str | None, overrides: list[str] = (), base: dict | None =
     data, lines = load_yaml(path) if path else ({}, {})
     if base:
         data = {**base, **data}
-    apply_overrides(data, list(overrides))
+    apply_overrides(data, list(overrides), lines)
     return build(PretrainConfig, data, source=str(path or "<overrides>"), lines=lines)
 
 
-def build_objective(cfg: PretrainConfig):
-    tokenizer = load_tokenizer(cfg.model)
+def build_objective(cfg: PretrainConfig, tokenizer=None):
+    tokenizer = tokenizer or load_tokenizer(cfg.model)
     encoder = load_masked_lm(cfg.model)
     objective = objective_class(cfg.objective.name)(encoder, tokenizer, cfg.objective)
     path = resolve_model_path(cfg.model.name_or_path)
@@ -62,22 +71,42 @@ def build_batches(cfg: PretrainConfig, tokenizer, accelerator):
     return StoreBatches(store, num_workers=cfg.data.num_workers, **common)
 
 
+def export_length(model: ModelConfig, tokenizer, config) -> int:
+    """The token limit the export declares: the starting model's own (pretraining does not shorten what an encoder
+    can read), as its sentence-transformers config says, else its tokenizer and position table."""
+    path = resolve_model_path(model.name_or_path)
+    declared = read_settings(path).max_seq_length if Path(path).is_dir() else None
+    return declared or default_max_length(tokenizer, config)
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    """What can be checked before anything is loaded or written: the model and the corpus files exist."""
+    check_model_source(cfg.model.name_or_path)
+    if cfg.model.tokenizer:
+        check_model_source(cfg.model.tokenizer, "model.tokenizer")
+    check_sources(list(cfg.data.corpus), cfg.data.format)
+
+
 def run(cfg: PretrainConfig) -> dict:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    objective, tokenizer = build_objective(cfg)
-    batches = build_batches(cfg, tokenizer, accelerator)
-    if accelerator.is_main_process:
-        n = getattr(batches, "batches_per_epoch", None)
-        logger.info("objective %s, %s global batches per epoch", cfg.objective.name, n if n else "streamed")
-    trainer = Trainer(objective, batches, cfg.train, accelerator, run_config=to_dict(cfg))
-    history = trainer.train()
-    out = Path(cfg.train.output_dir) / "model"
-    if cfg.export and trainer.finished:
+    preflight(cfg)
+    with claim_output_dir(cfg.train, to_dict(cfg), accelerator):
+        set_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        batches = build_batches(cfg, tokenizer, accelerator)
+        objective, tokenizer = build_objective(cfg, tokenizer)
         if accelerator.is_main_process:
-            export_model(trainer.objective, tokenizer, out, run_config=to_dict(cfg), max_seq_length=cfg.data.max_len)
-        accelerator.wait_for_everyone()
-    exported = cfg.export and trainer.finished
+            n = getattr(batches, "batches_per_epoch", None)
+            logger.info("objective %s, %s global batches per epoch", cfg.objective.name, n if n else "streamed")
+        trainer = Trainer(objective, batches, cfg.train, accelerator, run_config=to_dict(cfg), log_name="pretrain")
+        history = trainer.train()
+        out = Path(cfg.train.output_dir) / "model"
+        exported = cfg.export and trainer.finished
+        if exported:
+            if accelerator.is_main_process:
+                export_model(trainer.objective, tokenizer, out, run_config=to_dict(cfg),
+                             max_seq_length=export_length(cfg.model, tokenizer, trainer.objective.encoder.config))
+            accelerator.wait_for_everyone()
     return {"history": history, "model_dir": str(out) if exported else None, "steps": trainer.step}

@@ -11,11 +11,14 @@ precision, state checkpoints), uses transformers' schedulers, tqdm and TensorBoa
 from __future__ import annotations
 
 import contextlib
+import datetime
+import difflib
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +26,8 @@ import torch
 
 from retromae.config import ConfigError
 from retromae.data.batches import Position
-from retromae.hardware import resolve_precision
-from retromae.io import atomic_write_text, replace_directory
+from retromae.hardware import precision_reason, resolve_precision
+from retromae.io import atomic_write_text, replace_directory, share_like_umask
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +57,70 @@ class TrainConfig:
     save_steps: int = 0  # write a resumable checkpoint every N steps (0: none before the end)
     save_total_limit: int = 2  # checkpoints kept; older ones are deleted
     resume: str | None = None  # 'latest' (newest checkpoint in output_dir), a checkpoint folder, or null
+    overwrite: bool = False  # start afresh in an output_dir that holds another run, removing its state
     stop_at_step: int = 0  # stop after this step with a checkpoint, schedule unchanged (job time limits); 0: off
     report_to: str = "tensorboard"  # tensorboard | none
     find_unused_parameters: bool = False  # DDP option for objectives whose heads are not all used every step
+    timeout_minutes: float = 30.0  # how long a process waits for the others in a collective before giving up
 
     def validate(self) -> None:
         if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("train.per_device_batch_size and train.gradient_accumulation_steps must be >= 1")
+            raise ConfigError(f"train.mixed_precision={self.mixed_precision!r} must be one of {', '.join(PRECISIONS)}",
+                              key="mixed_precision")
+        for key in ("per_device_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1", key=key)
         if self.report_to not in ("tensorboard", "none"):
-            raise ConfigError(f"train.report_to={self.report_to!r} must be 'tensorboard' or 'none'")
+            raise ConfigError(f"train.report_to={self.report_to!r} must be 'tensorboard' or 'none'", key="report_to")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0", key="lr")
+        if not 0 <= self.warmup_ratio < 1 or self.warmup_steps < 0:
+            raise ConfigError("train.warmup_ratio must be in [0, 1) and train.warmup_steps >= 0", key="warmup_ratio")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise ConfigError("set train.max_steps > 0 or train.epochs > 0", key="max_steps")
+        schedulers = scheduler_names()
+        if self.scheduler not in schedulers:
+            close = difflib.get_close_matches(self.scheduler, schedulers, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"train.scheduler={self.scheduler!r} is not a transformers scheduler.{hint} Known: "
+                              f"{', '.join(schedulers)}", key="scheduler")
+        if self.resume and self.overwrite:
+            raise ConfigError("train.resume and train.overwrite exclude each other: resume a run, or replace it",
+                              key="overwrite")
+        if not self.timeout_minutes > 0:
+            raise ConfigError("train.timeout_minutes must be > 0", key="timeout_minutes")
+
+
+def scheduler_names() -> list[str]:
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType]
 
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     device_type = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs"))
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
-    return Accelerator(
-        mixed_precision=resolve_precision(cfg.mixed_precision, device_type),
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    # broadcast_buffers=False (our buffers are per-vocabulary constants, identical everywhere) is what we mean;
+    # torch 2.13 renamed it and warns on every launch
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    precision = resolve_precision(cfg.mixed_precision, device_type)
+    accelerator = Accelerator(
+        mixed_precision=precision,
         cpu=cfg.cpu,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=project,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, group],
     )
+    if accelerator.is_main_process:
+        why = f" (train.mixed_precision: auto, {precision_reason(device_type)})" if cfg.mixed_precision == "auto" else ""
+        logger.info("%d process(es) on %s, precision %s%s", accelerator.num_processes, accelerator.device,
+                    "fp32" if precision == "no" else precision, why)
+    return accelerator
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -115,10 +155,11 @@ class Trainer:
     """Trains an objective over a batch source; saves resumable checkpoints; logs each named loss."""
 
     def __init__(self, objective, batches, cfg: TrainConfig, accelerator, run_config: dict | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, log_name: str = "pretrain"):
         """`callbacks`: functions called with the trainer after every optimizer step, on every process
-        (e.g. evaluation on a dev set and keeping the best model)."""
-        self.cfg, self.accelerator, self.batches = cfg, accelerator, batches
+        (e.g. evaluation on a dev set and keeping the best model). `log_name`: the TensorBoard run's folder
+        under `output_dir/logs`."""
+        self.cfg, self.accelerator, self.batches, self.log_name = cfg, accelerator, batches, log_name
         self.callbacks = list(callbacks or [])
         self.run_config = run_config or {}
         self.total_steps = self._total_steps()
@@ -226,6 +267,7 @@ class Trainer:
                 "config": self.run_config,
             }
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+            share_like_umask(tmp)
             replace_directory(tmp, final)
             for old in checkpoint_dirs(self.cfg.output_dir)[: -max(1, self.cfg.save_total_limit)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -268,7 +310,7 @@ class Trainer:
         if cfg.resume:
             self.resume(cfg.resume)
         if cfg.report_to != "none":
-            acc.init_trackers("pretrain")
+            acc.init_trackers(self.log_name)
         self.model.train()
         stream = self.batches.iterate(self.position)
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
@@ -301,8 +343,10 @@ class Trainer:
             for callback in self.callbacks:
                 callback(self)
         progress.close()
-        if cfg.report_to != "none":
-            acc.end_training()
+        # The trackers only: accelerator.end_training() would also destroy the process group, which the export
+        # and the final barrier still need (the command line destroys it when the command is done).
+        for tracker in acc.trackers:
+            tracker.finish()
         return self.history
 
     @property

@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from retromae.tiny import make_tiny_model  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BEIR = SHARED / "data" / "beir"
 
@@ -23,34 +25,6 @@ def docstrings() -> list[dict]:
     from retromae.demo import docstring_corpus
 
     return docstring_corpus(limit=800)
-
-
-def make_tiny_model(path: Path, texts: list[str], vocab_size: int = 700, hidden: int = 32, layers: int = 2) -> Path:
-    """A WordPiece tokenizer trained on `texts` and a randomly initialised BertForMaskedLM, saved to `path`."""
-    import transformers
-    from tokenizers import BertWordPieceTokenizer
-    from tokenizers.processors import BertProcessing
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
-
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1)
-    backend = wordpiece._tokenizer
-    backend.post_processor = BertProcessing(
-        ("[SEP]", backend.token_to_id("[SEP]")), ("[CLS]", backend.token_to_id("[CLS]"))
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
-        model_max_length=128,
-    )
-    tokenizer.save_pretrained(path)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=hidden * 2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-    )
-    transformers.set_seed(0)
-    BertForMaskedLM(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +44,32 @@ def corpus_file(tmp_path_factory, docstrings) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docstrings[:300]))
     return path
+
+
+@pytest.fixture(scope="session")
+def beir_task(tmp_path_factory):
+    """A docstring retrieval task in BEIR layout, with the same judgements as train, dev and test splits."""
+    from retromae.demo import docstring_corpus, write_retrieval_task
+
+    folder = tmp_path_factory.mktemp("beir") / "docstrings"
+    write_retrieval_task(docstring_corpus(limit=500), folder)
+    (folder / "qrels" / "train.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
+    (folder / "qrels" / "dev.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
+    return folder
+
+
+def accelerate_launch(args: list[str], processes: int = 2, port: int = 29500, cwd=None, timeout: int = 600,
+                      extra: list[str] = ()):
+    """`accelerate launch --multi_gpu --num_processes N ...` on the CPU (gloo), as a user runs it; the result of
+    subprocess.run. `args` follow the launcher (e.g. ["-m", "retromae", "pretrain", ...])."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), *extra, *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(autouse=True)

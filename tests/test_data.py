@@ -40,7 +40,6 @@ def test_jsonl_with_beir_title_and_text(tmp_path):
     [
         ('{"text": "ok"}\n{"text": "broken"\n', r"c\.jsonl:2: not valid JSON"),
         ('{"text": "ok"}\n{"body": "x", "id": 3}\n', r"c\.jsonl:2: no 'text' field \(fields: body, id\); set data.text_field"),
-        ('{"text": "ok"}\n\n{"text": "x"}\n', r"c\.jsonl:2: empty line; .*data.skip_empty=true"),
         ('{"text": "ok"}\n{"text": "   "}\n', r"c\.jsonl:2: empty text"),
         ('["a list"]\n', r"c\.jsonl:1: expected a JSON object"),
         ('{"text": 5}\n', r"c\.jsonl:1: field 'text' is int, not a string"),
@@ -50,6 +49,20 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, message):
     p = write(tmp_path / "c.jsonl", content)
     with pytest.raises(CorpusError, match=message):
         texts(p)
+
+
+def test_blank_lines_and_a_byte_order_mark_are_harmless(tmp_path):
+    p = write(tmp_path / "c.jsonl", b'\xef\xbb\xbf{"text": "first"}\n\n{"text": "second"}\n\n')
+    assert texts(p) == ["first", "second"]
+    t = write(tmp_path / "c.txt", b"\xef\xbb\xbfone\n\ntwo\n\n")
+    assert texts(t) == ["one", "two"]
+
+
+def test_tsv_rows_must_keep_the_first_rows_columns(tmp_path):
+    t = write(tmp_path / "collection.tsv", "0\tfirst passage\n6\n2\tthird\n")
+    with pytest.raises(CorpusError, match=r"collection\.tsv:2: has 1 tab-separated column\(s\) where the file's first row "
+                       r"has 2"):
+        texts(t)
 
 
 def test_non_utf8_line_is_named(tmp_path):
@@ -67,7 +80,7 @@ def test_missing_file_and_unknown_extension(tmp_path):
 
 
 def test_skip_empty_and_plain_text_and_tsv(tmp_path):
-    p = write(tmp_path / "c.txt", "one\n\ntwo\n")
+    p = write(tmp_path / "c.jsonl", '{"text": "one"}\n{"text": " "}\n{"text": "two"}\n')
     assert texts(p, skip_empty=True) == ["one", "two"]
     t = write(tmp_path / "collection.tsv", "0\tfirst passage\n1\tsecond passage\n")
     assert texts(t) == ["first passage", "second passage"]

@@ -139,16 +139,6 @@ def test_grad_cache_gradients_equal_uncached(tiny_model, tevatron_file, tmp_path
         assert torch.allclose(g1[k], g2[k], atol=1e-12, rtol=1e-9), k
 
 
-@pytest.fixture(scope="module")
-def beir_task(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("beir") / "docstrings"
-    write_retrieval_task(docstring_corpus(limit=500), folder)
-    # the same judgements as a train split and a dev split
-    (folder / "qrels" / "train.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
-    (folder / "qrels" / "dev.tsv").write_text((folder / "qrels" / "test.tsv").read_text())
-    return folder
-
-
 def test_mining_never_returns_a_positive(tiny_model, beir_task, tmp_path):
     from retromae.finetune.mine import MineConfig, mine_negatives
     from retromae.retrieval.encoder import EncodeConfig
@@ -220,13 +210,14 @@ def test_finetune_run_learns_and_exports(tiny_model, beir_task, tmp_path):
     st = SentenceTransformer(result["model_dir"], device="cpu")
     vectors = st.encode(["open a file", "close the stream"])
     assert abs(float((vectors[0] ** 2).sum()) - 1) < 1e-5, "cosine training exports a normalising model"
-    # the exported (best) model scores on dev what the selector measured
+    # the exported (best) model scores on dev, under evaluate's defaults (the model's own settings), what the
+    # selector measured
     from retromae.retrieval.encoder import EncodeConfig
     from retromae.retrieval.evaluate import SearchConfig, evaluate_model
 
-    again = evaluate_model(result["model_dir"], str(beir_task), "dev",
-                           EncodeConfig(query_max_len=24, passage_max_len=48, precision="no"),
+    again = evaluate_model(result["model_dir"], str(beir_task), "dev", EncodeConfig(precision="no"),
                            SearchConfig(metrics=["ndcg@10"]))
+    assert again["settings"]["passage_max_len"] == again["settings"]["query_max_len"] == 48
     assert again["ndcg@10"] == pytest.approx(dev["best"], abs=1e-4)
 
 
@@ -263,7 +254,7 @@ def test_dupmae_representation_fine_tunes_exports_and_evaluates(tiny_model, beir
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     model = Path(result["model_dir"])
     assert (model / "dupmae" / "dupmae.safetensors").is_file() and (model / "model.safetensors").is_file()
-    cfg = EncodeConfig(query_max_len=24, passage_max_len=48, precision="no")
+    cfg = EncodeConfig(precision="no")  # the model's own settings
     exact = evaluate_model(str(model), str(beir_task), "dev", cfg, SearchConfig(metrics=["ndcg@10"],
                                                                                representation="dupmae"))
     assert exact["ndcg@10"] == pytest.approx(result["dev"]["best"], abs=1e-4), "the export scores what dev measured"

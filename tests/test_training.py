@@ -17,7 +17,7 @@ def weights(path: Path) -> dict:
 
 
 def test_retromae_loss_goes_down_and_is_logged(tiny_model, corpus_file, tmp_path):
-    cfg = tiny_config(tiny_model, corpus_file, tmp_path, train={"max_steps": 30, "lr": 2e-3, "logging_steps": 5,
+    cfg = tiny_config(tiny_model, corpus_file, tmp_path, train={"max_steps": 30, "lr": 4e-3, "logging_steps": 5,
                                                                    "warmup_ratio": 0.0, "report_to": "tensorboard"})
     history = run(cfg)["history"]
     first, last = history[0], history[-1]
@@ -55,15 +55,6 @@ def test_exact_resume_gives_the_same_weights(tiny_model, corpus_file, tmp_path):
     assert state["step"] == 6 and state["config"]["objective"]["name"] == "retromae"
     # nothing half-written is left behind
     assert not [p for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith(".")]
-
-
-def test_resume_refuses_a_different_global_batch(tiny_model, corpus_file, tmp_path):
-    from retromae.config import ConfigError
-
-    run(tiny_config(tiny_model, corpus_file, tmp_path, train={"max_steps": 2, "save_steps": 2}))
-    with pytest.raises(ConfigError, match="global batch 8"):
-        run(tiny_config(tiny_model, corpus_file, tmp_path, train={"max_steps": 4, "resume": "latest",
-                                                                   "per_device_batch_size": 4}))
 
 
 def gradients_after_one_step(cfg):

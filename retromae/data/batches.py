@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from retromae.config import ConfigError
 from retromae.rng import example_seeds, mix32, to_int32
 
 
@@ -98,7 +99,7 @@ class StoreBatches:
         self.global_batch = batch_size * num_processes
         self.per_epoch = self.size // self.global_batch
         if self.per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the data has {self.size} examples, fewer than one global batch "
                 f"({batch_size} per device x {num_processes} processes); lower train.per_device_batch_size"
             )
@@ -166,5 +167,6 @@ class StreamBatches:
                 indices = list(range(first + lo, first + lo + self.batch_size))
                 yield collate(mine, indices, epoch, self.seed, self.pad_id, self.multiple), Position(epoch, offset)
             if not produced:
-                raise ValueError("the streamed corpus holds fewer examples than one global batch")
+                raise ConfigError("the streamed corpus holds fewer examples than one global batch; lower "
+                                  "train.per_device_batch_size")
             epoch, skip = epoch + 1, 0

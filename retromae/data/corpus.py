@@ -37,6 +37,12 @@ class TextFields:
         return f"{title}{self.title_separator}{text}" if title else text
 
 
+def not_found(path: str | Path, what: str = "file") -> str:
+    """'PATH: file not found', saying what a relative path was taken relative to."""
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    return f"{path}: {what} not found{where}"
+
+
 def detect_format(path: str) -> str:
     name = path.lower().removesuffix(".gz")
     if name.endswith((".jsonl", ".json", ".ndjson")):
@@ -46,9 +52,7 @@ def detect_format(path: str) -> str:
     if name.endswith((".txt", ".text")):
         return "text"
     if not os.path.exists(path):
-        raise CorpusError(
-            f"{path}: file not found (for a Hugging Face dataset by name, set data.format=hf)"
-        )
+        raise CorpusError(not_found(path) + "; for a Hugging Face dataset by name, set data.format=hf")
     if os.path.isdir(path):
         return "hf"
     raise CorpusError(
@@ -60,14 +64,15 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     """(line number, decoded line without newline); non-UTF-8 input is an error naming the line."""
     p = Path(path)
     if not p.exists():
-        raise CorpusError(f"{path}: file not found")
+        raise CorpusError(not_found(path))
     if p.is_dir():
         raise CorpusError(f"{path}: is a directory, not a corpus file (for a Hugging Face dataset set data.format=hf)")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: a byte-order mark (as some Windows editors write) is not text
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise CorpusError(
                     f"{path}:{number}: not UTF-8 (byte {err.start} of the line is 0x{raw[err.start]:02x}); "
@@ -105,8 +110,7 @@ def _empty(path: str, number: int, fields: TextFields, what: str = "line") -> bo
 def read_jsonl(path: str, fields: TextFields) -> Iterator[str]:
     for number, line in _lines(path):
         if not line.strip():
-            if _empty(path, number, fields):
-                continue
+            continue  # a blank line (a trailing newline, a separator) holds no record
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -134,18 +138,22 @@ def read_jsonl(path: str, fields: TextFields) -> Iterator[str]:
 
 def read_text(path: str, fields: TextFields) -> Iterator[str]:
     for number, line in _lines(path):
-        if not line.strip():
-            if _empty(path, number, fields):
-                continue
-        yield line.strip()
+        if line.strip():  # blank lines separate texts; they are not texts
+            yield line.strip()
 
 
 def read_tsv(path: str, fields: TextFields) -> Iterator[str]:
+    width = None
     for number, line in _lines(path):
         if not line.strip():
-            if _empty(path, number, fields):
-                continue
+            continue
         columns = line.split("\t")
+        width = width or len(columns)
+        if len(columns) != width:
+            raise CorpusError(
+                f"{path}:{number}: has {len(columns)} tab-separated column(s) where the file's first row has "
+                f"{width}; a text with a tab or a line break in it, or a truncated row?"
+            )
         try:
             text = columns[fields.tsv_text_column]
             title = columns[fields.tsv_title_column] if fields.tsv_title_column is not None else None
@@ -213,6 +221,18 @@ def read_corpus(
             yield from read_hf(source, fields, hf_config, hf_split)
         else:
             raise CorpusError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def check_sources(sources: list[str], fmt: str = "auto") -> None:
+    """Stop at once, before any model loads, if a corpus file is missing (Hugging Face datasets are checked when
+    they are opened)."""
+    if not sources:
+        raise CorpusError("data.corpus is empty: give one or more files (jsonl, txt, tsv) or a Hugging Face dataset")
+    for source in sources:
+        kind = detect_format(source) if fmt == "auto" else fmt
+        if kind != "hf" and not os.path.isfile(source):
+            raise CorpusError(not_found(source) if not os.path.isdir(source)
+                              else f"{source}: is a directory, not a corpus file")
 
 
 def source_signature(sources: list[str]) -> list:

@@ -72,7 +72,6 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
                                          "negative_ids": negatives}) + "\n")
             atomic_write_text(output, "".join(lines))
             summary = {"queries": len(groups), "negatives_per_query": sum(kept) / len(kept), "output": output}
-            logger.info("mined %s", summary)
         state.wait_for_everyone()
         return summary
     finally:

@@ -18,6 +18,7 @@ from retromae.data.batches import StoreBatches
 from retromae.finetune.data import FORMATS, GroupBatch, load_training_data, read_teacher_scores
 from retromae.finetune.model import BiEncoder, LossConfig
 from retromae.modeling import ModelConfig, resolve_model_path
+from retromae.runs import claim_output_dir
 from retromae.trainer import TrainConfig, Trainer, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | None, overrides: list[str] = ()) -> FinetuneConfig:
     data, lines = load_yaml(path) if path else ({}, {})
-    apply_overrides(data, list(overrides))
+    apply_overrides(data, list(overrides), lines)
     return build(FinetuneConfig, data, source=str(path or "<overrides>"), lines=lines)
 
 
@@ -141,9 +142,10 @@ class DevSelector:
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.data = load_dataset(cfg.dev.dataset, cfg.dev.split, cfg.data.title_separator)
-        self.encode = EncodeConfig(query_max_len=cfg.data.query_max_len, passage_max_len=cfg.data.passage_max_len,
-                                   query_prefix=cfg.data.query_prefix, passage_prefix=cfg.data.passage_prefix,
-                                   batch_size=cfg.dev.batch_size, precision=cfg.train.mixed_precision)
+        # Exactly what `retromae evaluate` will do with the export under its defaults (export_settings): the
+        # passage length for queries too, as SentenceTransformer.encode_query truncates at max_seq_length.
+        self.encode = EncodeConfig(**export_settings(cfg), batch_size=cfg.dev.batch_size,
+                                   precision=cfg.train.mixed_precision)
         self.best_score, self.best_step, self.best_state, self.history = float("-inf"), None, None, []
 
     def __call__(self, trainer) -> None:
@@ -165,14 +167,13 @@ class DevSelector:
         bi_encoder.eval()
         try:
             loss = self.cfg.loss
-            if bi_encoder.query_encoder is not None:
-                raise ConfigError("dev selection with separate query and passage encoders is not supported yet")
             search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator)
             if loss.representation == "dupmae":
                 result = self._score_dupmae(bi_encoder, device, search)
             else:
                 encoder = TextEncoder(bi_encoder.encoder, self.encode, device=device, tokenizer=self.tokenizer,
-                                      pooling=loss.pooling, normalize=loss.similarity == "cosine")
+                                      pooling=loss.pooling, normalize=loss.similarity == "cosine",
+                                      query_model=bi_encoder.query_encoder)
                 result = evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search,
                                         encoder=encoder)
             import torch.distributed as dist
@@ -193,28 +194,65 @@ class DevSelector:
         return evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search, encoder=encoder)
 
 
+def export_settings(cfg: FinetuneConfig) -> dict:
+    """How the export declares it encodes (retromae.sentence_config): the passage length as its max_seq_length
+    (queries included, as SentenceTransformer.encode_query truncates), the prefixes it was trained with as its
+    prompts."""
+    d = cfg.data
+    return {"query_max_len": d.passage_max_len, "passage_max_len": d.passage_max_len,
+            "query_prefix": d.query_prefix, "passage_prefix": d.passage_prefix}
+
+
+def preflight(cfg: FinetuneConfig) -> None:
+    """What can be checked before anything is loaded or written: the model, the data files and the dev set exist."""
+    from retromae.data.corpus import CorpusError, not_found
+    from retromae.modeling import check_model_source
+
+    check_model_source(cfg.model.name_or_path)
+    d = cfg.data
+    if not d.train:
+        raise ConfigError("data.train is empty: give the training data (a folder or a file)")
+    if d.format != "hf" and not Path(d.train).exists():
+        hint = ""
+        if d.train.endswith((".jsonl", ".jsonl.gz")):
+            hint = ("; a mined training file is made by `retromae mine --model MODEL --data FOLDER --output "
+                    f"{d.train}` (the recipe's comments give the command)")
+        raise CorpusError(not_found(d.train, "training data") + hint)
+    for key in ("corpus", "negatives", "teacher_scores"):
+        path = getattr(d, key)
+        if path and not Path(path).exists():
+            raise CorpusError(f"data.{key}: " + not_found(path))
+    if cfg.dev.dataset and not Path(cfg.dev.dataset).is_dir():
+        raise CorpusError(f"dev.dataset: " + not_found(cfg.dev.dataset, "folder"))
+
+
 def run(cfg: FinetuneConfig) -> dict:
     from accelerate.utils import set_seed
 
     from retromae.export import export_bi_encoder
 
     accelerator = make_accelerator(cfg.train)
-    set_seed(cfg.train.seed)
-    bi_encoder, tokenizer = build_bi_encoder(cfg)
-    batches = build_batches(cfg, tokenizer, accelerator)
-    selector = DevSelector(cfg, tokenizer) if cfg.dev.dataset else None
-    trainer = Trainer(bi_encoder, batches, cfg.train, accelerator, run_config=to_dict(cfg),
-                      callbacks=[selector] if selector else [])
-    history = trainer.train()
-    out = Path(cfg.train.output_dir) / "model"
-    exported = cfg.export and trainer.finished
-    if exported and accelerator.is_main_process:
-        model = trainer.objective
-        if selector is not None and selector.best_state is not None:
-            model.load_state_dict(selector.best_state)
-        export_bi_encoder(model, tokenizer, out, run_config=to_dict(cfg),
-                          max_seq_length=max(cfg.data.query_max_len, cfg.data.passage_max_len))
-    accelerator.wait_for_everyone()
+    preflight(cfg)
+    with claim_output_dir(cfg.train, to_dict(cfg), accelerator):
+        set_seed(cfg.train.seed)
+        bi_encoder, tokenizer = build_bi_encoder(cfg)
+        batches = build_batches(cfg, tokenizer, accelerator)
+        selector = DevSelector(cfg, tokenizer) if cfg.dev.dataset else None
+        trainer = Trainer(bi_encoder, batches, cfg.train, accelerator, run_config=to_dict(cfg),
+                          callbacks=[selector] if selector else [], log_name="finetune")
+        history = trainer.train()
+        out = Path(cfg.train.output_dir) / "model"
+        exported = cfg.export and trainer.finished
+        if exported and accelerator.is_main_process:
+            model = trainer.objective
+            if selector is not None and selector.best_state is not None:
+                model.load_state_dict(selector.best_state)
+                logger.info("exporting the weights of step %d, the best on dev (%s %.4f)", selector.best_step,
+                            cfg.dev.metric, selector.best_score)
+            settings = export_settings(cfg)
+            export_bi_encoder(model, tokenizer, out, run_config=to_dict(cfg), max_seq_length=settings["passage_max_len"],
+                              query_prefix=settings["query_prefix"], passage_prefix=settings["passage_prefix"])
+        accelerator.wait_for_everyone()
     return {
         "history": history,
         "model_dir": str(out) if exported else None,

@@ -128,6 +128,7 @@ def build_objective_config(data, source: str = "<config>", lines: dict | None = 
     try:
         cls = objective_class(str(name))
     except ConfigError as err:
-        line = (lines or {}).get(path + ("name",))
-        raise ConfigError(f"{source}:{line}: {err}" if line else f"{source}: {err}") from None
+        from retromae.config import _where
+
+        raise ConfigError(f"{_where(source, lines or {}, path + ('name',))}: {err}") from None
     return build(cls.Config, data, source, lines, path)

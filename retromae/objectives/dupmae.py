@@ -167,11 +167,11 @@ class DupMAERepresentation(nn.Module):
         import safetensors.torch
         from transformers import AutoModelForMaskedLM
 
-        from retromae.modeling import heads_path
+        from retromae.modeling import from_pretrained, heads_path
 
         folder = Path(model_dir) / "dupmae"
         cfg = DupMAERepresentationConfig(**json.loads((folder / "config.json").read_text())) if folder.is_dir() else None
-        mlm = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32)
+        mlm = from_pretrained(AutoModelForMaskedLM, model_dir, "model", dtype=torch.float32)
         rep = cls(mlm, cfg)
         if folder.is_dir():
             state = safetensors.torch.load_file(str(folder / "dupmae.safetensors"))

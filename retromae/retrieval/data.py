@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retromae.data.corpus import CorpusError, _lines, json_records
+from retromae.data.corpus import CorpusError, _lines, json_records, not_found
 
 
 @dataclass
@@ -22,6 +22,8 @@ class RetrievalData:
     queries: dict[str, str]  # query id -> text
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
     sources: dict[str, str] = field(default_factory=dict)  # what was read from where
+    split: str = "test"  # the qrels split
+    kind: str = "beir"  # beir | msmarco: which collection's conventions apply (e.g. the identical-id rule)
 
     def passages(self, title_separator: str = " ") -> tuple[list[str], list[str]]:
         """(doc ids, texts), the text being title + separator + text when there is a title."""
@@ -44,12 +46,15 @@ def read_beir_corpus(path: Path) -> dict[str, dict[str, str]]:
 
 
 def read_beir_queries(path: Path) -> dict[str, str]:
-    queries = {}
+    queries, lines = {}, {}
     for number, record in json_records(path, ("_id", "text")):
         text = str(record["text"] or "").strip()
+        query_id = str(record["_id"])
         if not text:
-            raise CorpusError(f"{path}:{number}: query {record['_id']!r} is empty")
-        queries[str(record["_id"])] = text
+            raise CorpusError(f"{path}:{number}: query {query_id!r} is empty")
+        if query_id in queries:
+            raise CorpusError(f"{path}:{number}: query id {query_id!r} appears twice (first at line {lines[query_id]})")
+        queries[query_id], lines[query_id] = text, number
     return queries
 
 
@@ -119,18 +124,21 @@ def load_beir_folder(folder: str | Path, split: str = "test") -> RetrievalData:
     qrels = build_qrels(read_qrels_tsv(qrels_path), qrels_path, corpus, queries)
     queries = {qid: queries[qid] for qid in qrels}
     return RetrievalData(folder.name, corpus, queries, qrels,
-                         {"corpus": str(corpus_path), "queries": str(queries_path), "qrels": str(qrels_path)})
+                         {"corpus": str(corpus_path), "queries": str(queries_path), "qrels": str(qrels_path)}, split)
 
 
 def _read_id_text_tsv(path: Path, what: str) -> dict[str, str]:
-    rows = {}
+    rows, lines = {}, {}
     for number, line in _lines(str(path)):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) < 2:
             raise CorpusError(f"{path}:{number}: expected 'id<TAB>{what}', got {line[:80]!r}")
-        rows[parts[0].strip()] = parts[-1].strip()
+        key = parts[0].strip()
+        if key in rows:
+            raise CorpusError(f"{path}:{number}: id {key!r} appears twice (first at line {lines[key]})")
+        rows[key], lines[key] = parts[-1].strip(), number
     return rows
 
 
@@ -155,7 +163,8 @@ def load_msmarco_folder(folder: str | Path, split: str = "dev.small", title_sepa
     qrels = build_qrels(read_trec_qrels(qrels_path), qrels_path, corpus, queries)
     queries = {qid: queries[qid] for qid in qrels}
     return RetrievalData("msmarco", corpus, queries, qrels,
-                         {"corpus": str(collection), "queries": str(queries_path), "qrels": str(qrels_path)})
+                         {"corpus": str(collection), "queries": str(queries_path), "qrels": str(qrels_path)}, split,
+                         kind="msmarco")
 
 
 def load_beir_hub(name: str, split: str = "test") -> RetrievalData:
@@ -174,7 +183,7 @@ def load_beir_hub(name: str, split: str = "test") -> RetrievalData:
     rows = [(i + 1, str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for i, r in enumerate(qrel_rows)]
     qrels = build_qrels(rows, Path(f"{base}-qrels/{split}"), corpus, queries)
     queries = {qid: queries[qid] for qid in qrels}
-    return RetrievalData(base.split("/")[-1], corpus, queries, qrels, {"hub": base})
+    return RetrievalData(base.split("/")[-1], corpus, queries, qrels, {"hub": base}, split)
 
 
 def load_dataset(name_or_path: str, split: str | None = None, title_separator: str = " ") -> RetrievalData:
@@ -184,8 +193,14 @@ def load_dataset(name_or_path: str, split: str | None = None, title_separator: s
         if (path / "collection.tsv").is_file():
             return load_msmarco_folder(path, split or "dev.small", title_separator)
         return load_beir_folder(path, split or "test")
-    if os.sep in name_or_path or name_or_path.startswith("."):
-        raise CorpusError(f"{name_or_path}: no such folder")
+    from retromae.modeling import hub_unreachable, looks_local
+
+    if looks_local(name_or_path) or os.sep in name_or_path:
+        raise CorpusError(not_found(name_or_path, "folder"))
+    offline = hub_unreachable()
+    if offline:
+        raise CorpusError(f"{name_or_path}: no local folder of that name (relative to {os.getcwd()}), and the Hugging "
+                          f"Face hub, where BEIR datasets are looked up by name, cannot be used ({offline})")
     return load_beir_hub(name_or_path, split or "test")
 
 

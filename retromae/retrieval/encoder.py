@@ -10,11 +10,10 @@ overlapped with the forward passes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,8 @@ import torch
 
 from retromae.config import ConfigError
 from retromae.hardware import resolve_precision
-from retromae.modeling import resolve_model_path
+from retromae.modeling import from_pretrained, resolve_model_path
+from retromae.sentence_config import EncoderSettings, default_max_length, read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,12 @@ POOLINGS = ("auto", "cls", "mean")
 
 @dataclass
 class EncodeConfig:
-    pooling: str = "auto"  # auto (the model's sentence-transformers pooling, else cls) | cls | mean
-    normalize: bool | None = None  # L2-normalise; null: as the model's sentence-transformers config says
-    query_max_len: int = 64  # tokens per query, special tokens included
-    passage_max_len: int = 256  # tokens per passage, special tokens included
-    query_prefix: str = ""  # put before every query (e.g. "query: " for E5-style models)
-    passage_prefix: str = ""  # put before every passage
+    pooling: str = "auto"  # auto (as the model's sentence-transformers config says, else cls) | cls | mean
+    normalize: bool | None = None  # L2-normalise; null: as the model declares (Normalize module, cosine similarity)
+    query_max_len: int | None = None  # tokens per query; null: the model's max_seq_length, as encode_query truncates
+    passage_max_len: int | None = None  # tokens per passage; null: the model's max_seq_length (else its position limit)
+    query_prefix: str | None = None  # put before every query; null: the model's "query" prompt (usually none)
+    passage_prefix: str | None = None  # put before every passage; null: the model's "document" prompt
     batch_size: int = 128  # texts per forward pass
     precision: str = "auto"  # auto (bf16 where the hardware has it) | no (fp32) | bf16 | fp16 (weights cast)
     chunk_size: int = 16384  # texts tokenized and length-sorted together; bounds memory on huge corpora
@@ -44,28 +44,24 @@ class EncodeConfig:
 
     def validate(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
+            raise ConfigError(f"pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}", key="pooling")
+        for key in ("query_max_len", "passage_max_len"):
+            if getattr(self, key) is not None and getattr(self, key) < 2:
+                raise ConfigError(f"{key}={getattr(self, key)} must be at least 2 (the special tokens)", key=key)
 
-
-def sentence_transformers_settings(path: str) -> tuple[str | None, bool]:
-    """(pooling, normalize) read from a sentence-transformers folder, or (None, False) for other models."""
-    folder = Path(path)
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return None, False
-    modules = json.loads(modules_file.read_text())
-    normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-    pooling = None
-    for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            config = json.loads((folder / m["path"] / "config.json").read_text())
-            mode = config.get("pooling_mode")
-            if mode is None:
-                mode = "cls" if config.get("pooling_mode_cls_token") else "mean" if config.get(
-                    "pooling_mode_mean_tokens") else None
-            if mode in ("cls", "mean"):
-                pooling = mode
-    return pooling, normalize
+    def resolve(self, declared: EncoderSettings, max_length: int) -> "EncodeConfig":
+        """Every null field filled in from what the model declares (`declared`), `max_length` being its own limit
+        when it declares none: the settings `SentenceTransformer(path).encode_query / encode_document` use."""
+        limit = declared.max_seq_length or max_length
+        return replace(
+            self,
+            pooling=declared.pooling or "cls" if self.pooling == "auto" else self.pooling,
+            normalize=declared.normalize if self.normalize is None else self.normalize,
+            query_max_len=self.query_max_len or limit,
+            passage_max_len=self.passage_max_len or limit,
+            query_prefix=declared.query_prefix if self.query_prefix is None else self.query_prefix,
+            passage_prefix=declared.passage_prefix if self.passage_prefix is None else self.passage_prefix,
+        )
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -80,44 +76,55 @@ class TextEncoder:
 
     def __init__(self, model, cfg: EncodeConfig | None = None, device: str | torch.device | None = None,
                  trust_remote_code: bool = False, tokenizer=None, pooling: str | None = None,
-                 normalize: bool | None = None):
+                 normalize: bool | None = None, query_model=None):
         """`model`: a path, hub id or pkg:MODULE to load, or a loaded Hugging Face model body (with its
-        `tokenizer`, `pooling` and `normalize`), e.g. a model in training: it is used as it is, in place, and
-        half precision then runs as autocast rather than by casting its weights."""
-        from transformers import AutoModel, AutoTokenizer
+        `tokenizer`, `pooling`, `normalize` and, with separate towers, `query_model`), e.g. a model in training:
+        it is used as it is, in place, and half precision then runs as autocast rather than by casting its
+        weights. A model folder with a `query_encoder/` (separate towers) encodes queries with that."""
+        from transformers import AutoTokenizer
 
-        self.cfg = cfg or EncodeConfig()
-        self.cfg.validate()
+        cfg = cfg or EncodeConfig()
+        cfg.validate()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = resolve_precision(self.cfg.precision, self.device.type)
+        self.precision = resolve_precision(cfg.precision, self.device.type)
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.autocast = None
+        self.autocast, self.query_model = None, None
         if isinstance(model, torch.nn.Module):
-            self.model, self.tokenizer = model, tokenizer
-            st_pooling, st_normalize = pooling, bool(normalize)
+            self.model, self.tokenizer, self.query_model = model, tokenizer, query_model
+            declared = EncoderSettings(pooling=pooling, normalize=bool(normalize))
             self.autocast = half
         else:
             path = resolve_model_path(model)
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            # fp32 weights whatever the checkpoint stores: precision is chosen by `precision`, not by the file
-            self.model = AutoModel.from_pretrained(path, attn_implementation="sdpa",
-                                                   trust_remote_code=trust_remote_code, dtype=torch.float32)
-            self.model.eval().to(self.device)
-            if half is not None:
-                # inference in half precision: the weights are cast (as sentence-transformers' model.half() does),
-                # which is faster than autocast's per-op casts; pooling and normalisation stay in fp32
-                self.model.to(half)
-            st_pooling, st_normalize = sentence_transformers_settings(path) if os.path.isdir(path) else (None, False)
-        if self.cfg.compile:
+            self.tokenizer = from_pretrained(AutoTokenizer, model, "model", trust_remote_code=trust_remote_code)
+            self.model = self._load(model, half, trust_remote_code)
+            declared = read_settings(path) if os.path.isdir(path) else EncoderSettings()
+            if os.path.isfile(os.path.join(path, "query_encoder", "config.json")):
+                # a bi-encoder fine-tuned with separate towers: queries go through their own
+                self.query_model = self._load(os.path.join(path, "query_encoder"), half, trust_remote_code)
+        if cfg.compile:
             self.model = torch.compile(self.model, dynamic=True)
-        self.pooling = (st_pooling or "cls") if self.cfg.pooling == "auto" else self.cfg.pooling
-        self.normalize = st_normalize if self.cfg.normalize is None else self.cfg.normalize
+        self.cfg = cfg.resolve(declared, default_max_length(self.tokenizer, self.model.config))
+        self.pooling, self.normalize = self.cfg.pooling, self.cfg.normalize
         self.dimension = self.model.config.hidden_size
+
+    def _load(self, path: str, half, trust_remote_code: bool):
+        from transformers import AutoModel
+
+        # fp32 weights whatever the checkpoint stores: precision is chosen by `precision`, not by the file
+        model = from_pretrained(AutoModel, path, "model", attn_implementation="sdpa",
+                                trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model.eval().to(self.device)
+        if half is not None:
+            # inference in half precision: the weights are cast (as sentence-transformers' model.half() does),
+            # which is faster than autocast's per-op casts; pooling and normalisation stay in fp32
+            model.to(half)
+        return model
 
     def settings(self) -> dict:
         return {"pooling": self.pooling, "normalize": self.normalize, "precision": self.precision,
                 "query_max_len": self.cfg.query_max_len, "passage_max_len": self.cfg.passage_max_len,
                 "query_prefix": self.cfg.query_prefix, "passage_prefix": self.cfg.passage_prefix,
+                "query_encoder": "separate" if self.query_model is not None else "shared",
                 "batch_size": self.cfg.batch_size, "device": str(self.device)}
 
     def _kind(self, kind: str) -> tuple[int, str]:
@@ -135,10 +142,11 @@ class TextEncoder:
         return features
 
     @torch.inference_mode()
-    def _forward(self, features: dict) -> torch.Tensor:
+    def _forward(self, features: dict, kind: str = "passage") -> torch.Tensor:
         features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
+        model = self.query_model if kind == "query" and self.query_model is not None else self.model
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            hidden = self.model(**features).last_hidden_state
+            hidden = model(**features).last_hidden_state
         vectors = pool(hidden.float(), features["attention_mask"], self.pooling)
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
@@ -167,7 +175,7 @@ class TextEncoder:
                     features = pending.pop(0).result()
                     if i + 2 < len(batches):
                         pending.append(pool_.submit(tokenize, batches[i + 2]))
-                    yield start + rows, self._forward(features)
+                    yield start + rows, self._forward(features, kind)
 
     def encode(self, texts: list[str], kind: str = "passage", show_progress: bool = True,
                out: np.ndarray | None = None) -> np.ndarray:

@@ -137,7 +137,7 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
         if not state.is_main_process:
             return None
     means, per_query = score_run(run, data, search, run_file)
-    result = {**means, "dataset": data.name, "split": split, "model": model, "num_queries": len(per_query),
+    result = {**means, "dataset": data.name, "split": data.split, "model": model, "num_queries": len(per_query),
               "num_documents": len(data.corpus), "seconds": round(time.perf_counter() - started, 1),
               "settings": settings, "sources": data.sources}
     if output:

@@ -32,14 +32,16 @@ class HybridEncoder:
         `tokenizer` (e.g. a model in training)."""
         from transformers import AutoTokenizer
 
-        from retromae.modeling import resolve_model_path
+        from retromae.modeling import from_pretrained, resolve_model_path
         from retromae.objectives.dupmae import DupMAERepresentation
+        from retromae.sentence_config import EncoderSettings, default_max_length, read_settings
 
-        self.cfg = cfg or EncodeConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = resolve_model_path(model) if isinstance(model, str) else None
         self.rep = representation if representation is not None else DupMAERepresentation.load(path, self.device)
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer or from_pretrained(AutoTokenizer, path, "model")
+        declared = read_settings(path) if path else EncoderSettings()
+        self.cfg = (cfg or EncodeConfig()).resolve(declared, default_max_length(self.tokenizer, self.rep.mlm.config))
 
     @torch.inference_mode()
     def encode(self, texts: list[str], kind: str = "passage") -> HybridVectors:

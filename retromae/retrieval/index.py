@@ -67,11 +67,28 @@ class DenseIndex:
             raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
         if not self.cpu_index.is_trained:
             sample = np.ascontiguousarray(vectors[: max(256 * 39, 100000)], dtype=np.float32)
+            self._check_trainable(len(sample))
             self.cpu_index.train(sample)
         index = self._live()
         for start in range(0, len(vectors), batch):
             index.add(np.ascontiguousarray(vectors[start : start + batch], dtype=np.float32))
         self.ids.extend(ids)
+
+    def _check_trainable(self, n: int) -> None:
+        """An IVF index needs at least one training vector per cluster (faiss asks for 39): say so in one line,
+        rather than faiss's C++ exception."""
+        faiss = _faiss()
+        try:
+            clusters = faiss.extract_index_ivf(self.cpu_index).nlist
+        except RuntimeError:  # not an IVF index
+            return
+        if n < clusters:
+            from retromae.config import ConfigError
+
+            suggestion = max(1, int(4 * n**0.5)) if n >= 16 else 0
+            better = f"IVF{suggestion},Flat (about 4 x sqrt(N) clusters) or Flat" if suggestion else "Flat"
+            raise ConfigError(f"index {self.factory!r}: {clusters} clusters need at least {clusters} training vectors "
+                              f"(faiss advises {39 * clusters}), and this corpus has {n}; use {better}")
 
     def __len__(self) -> int:
         return len(self.ids)
