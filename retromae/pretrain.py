@@ -21,6 +21,7 @@ from retromae.modeling import (
 from retromae.runs import claim_output_dir
 from retromae.sentence_config import default_max_length, read_settings
 from retromae.objectives import ObjectiveConfig, build_objective_config, objective_class
+from retromae.objectives.base import check_accumulation
 from retromae.trainer import TrainConfig, Trainer, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def export_length(model: ModelConfig, tokenizer, config) -> int:
 
 def preflight(cfg: PretrainConfig) -> None:
     """What can be checked before anything is loaded or written: the model and the corpus files exist."""
+    check_accumulation(cfg.objective, cfg.train.gradient_accumulation_steps)
     check_model_source(cfg.model.name_or_path)
     if cfg.model.tokenizer:
         check_model_source(cfg.model.tokenizer, "model.tokenizer")

@@ -258,7 +258,10 @@ def test_bow_views_decoder_and_targets(tiny_model, docstrings):
         ordinary = batch["input_ids"][b][batch["words"][b] >= 0]
         assert set(batch["bow_targets"][b].nonzero().flatten().tolist()) == set(ordinary.tolist())
     losses, counts = bow(batch), bow.num_items(batch)
-    assert set(losses) == {"mlm", "bow", "contrast"} and counts["bow"].item() == 16
+    # L = MLM + BoW(view 1) + BoW(view 2) + contrast: the bow sum over texts counts each text once, so an untrained
+    # decoder (near uniform over V words) gives about 2 log V, not log V (a weight of 1/2 would)
+    assert set(losses) == {"mlm", "bow", "contrast"} and counts["bow"].item() == 8
+    assert (losses["bow"] / counts["bow"]).item() == pytest.approx(2 * math.log(len(tokenizer)), abs=1.0)
     assert losses["contrast"].item() / 8 == pytest.approx(math.log(8), abs=0.05), "untrained views: near uniform"
     prediction, _ = make(tiny_model, "bow", views=1, decoder="mlm_head", contrast_weight=0.0)
     single = prediction.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:8]]))
@@ -326,3 +329,21 @@ def test_cross_process_negatives_are_used(tiny_model, corpus_file, tmp_path, obj
     g2 = safetensors.torch.load_file(str(tmp_path / "two" / "grads.safetensors"))
     for k in g1:
         assert torch.allclose(g1[k], g2[k], atol=1e-10, rtol=1e-7), k
+
+
+def test_contrastive_objectives_refuse_gradient_accumulation(tiny_model, corpus_file, tmp_path):
+    """Their negatives are the global batch: accumulation would shrink them to one micro-batch, so it is refused
+    before anything loads; per-item objectives (and BoW prediction, which has no contrast) accumulate exactly."""
+    from conftest import tiny_config
+    from retromae.config import ConfigError
+    from retromae.objectives.base import check_accumulation
+    from retromae.pretrain import run
+
+    for name, loss in (("costa", "span"), ("bow", "contrast")):
+        cfg = tiny_config(tiny_model, corpus_file, tmp_path / name, objective={"name": name},
+                          train={"gradient_accumulation_steps": 2})
+        with pytest.raises(ConfigError, match=rf"'{loss}'.*gradient_accumulation_steps=2.*one micro-batch"):
+            run(cfg)
+        assert not (tmp_path / name).exists(), "refused before anything is written"
+    for objective in ({"name": "retromae"}, {"name": "bow", "views": 1, "contrast_weight": 0.0}):
+        check_accumulation(build_objective_config(objective), 4)

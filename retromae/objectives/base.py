@@ -5,6 +5,10 @@ its batch preparation; the trainer, data streaming, checkpointing and export are
 one module in `retromae/objectives/` with a `Config` dataclass (subclassing `ObjectiveConfig`) and an
 `Objective` subclass decorated with `@register`, plus a recipe in `pretrain/`. Nothing else changes.
 
+Objectives whose losses compare items across the global batch (contrastive ones) name them in their config's
+`batch_wide_losses()`; gradient accumulation is refused for them, since it would shrink their negatives to one
+micro-batch (the trainer's sums are exact across accumulation steps only for per-item losses).
+
 The three methods the trainer calls:
 - `prepare(batch)`: the collated batch (`input_ids`, `attention_mask`, per-example `seeds`) -> model inputs.
   Runs on the training device, vectorised; randomness comes from the seeds (see `retromae.rng`).
@@ -32,6 +36,28 @@ from retromae.modeling import base_model
 @dataclass
 class ObjectiveConfig:
     name: str = "retromae"  # which objective (a name registered in retromae/objectives)
+
+    def batch_wide_losses(self) -> list[str]:
+        """Losses that compare each item with the other items of the global batch (contrastive negatives).
+
+        Such a loss is not a sum of per-micro-batch terms: with gradient accumulation its negatives would come
+        from one micro-batch only, so the trainer refuses accumulation for objectives that have one (see
+        `check_accumulation`)."""
+        return []
+
+
+def check_accumulation(config: ObjectiveConfig, accumulation_steps: int) -> None:
+    """Refuse gradient accumulation for an objective whose batch-wide losses it would change."""
+    wide = config.batch_wide_losses()
+    if accumulation_steps > 1 and wide:
+        raise ConfigError(
+            f"objective {config.name!r} compares every text with the rest of the global batch (loss "
+            f"{', '.join(repr(w) for w in wide)}); with train.gradient_accumulation_steps={accumulation_steps} its "
+            "negatives would come from one micro-batch only, which is not the global batch the recipe describes. "
+            "Set train.gradient_accumulation_steps=1 and reach the batch with train.per_device_batch_size and more "
+            "processes (model.gradient_checkpointing=true saves memory)",
+            key="gradient_accumulation_steps",
+        )
 
 
 class Objective(nn.Module):

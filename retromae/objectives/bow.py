@@ -40,6 +40,9 @@ class BoWConfig(MLMConfig):
     temperature: float = 0.05  # InfoNCE temperature on cosine similarities of the log-distributions
     cross_process: bool = True  # other processes' views are negatives too
 
+    def batch_wide_losses(self) -> list[str]:
+        return ["contrast"] if self.views == 2 else []
+
     def validate(self) -> None:
         super().validate()
         if self.views not in (1, 2):
@@ -110,7 +113,9 @@ class BagOfWords(MaskedLM):
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         texts = batch["bow_targets"].any(-1).sum()
-        items = {"mlm": batch["encoder_mask"].sum(), "bow": texts * self.config.views}
+        # "bow" sums both views' losses over the texts: L = MLM + BoW(view 1) + BoW(view 2) + lambda contrast
+        # (methods.md 1.5), each view's term a mean over texts, so the count is the texts, not texts x views
+        items = {"mlm": batch["encoder_mask"].sum(), "bow": texts}
         if self.config.views == 2:
             items["mlm"] = items["mlm"] + batch["second_mask"].sum()
             items["contrast"] = torch.tensor(float(batch["input_ids"].shape[0]), device=texts.device)

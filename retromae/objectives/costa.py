@@ -43,6 +43,9 @@ class COSTAConfig(MLMConfig):
     own_spans_in_denominator: bool = True  # the text's other spans count in each positive's softmax
     cross_process: bool = True  # other processes' spans are negatives too
 
+    def batch_wide_losses(self) -> list[str]:
+        return ["span"]
+
     def validate(self) -> None:
         super().validate()
         for pair in self.span_lengths:
