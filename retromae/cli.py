@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                        + ". Recipes: pretrain/*.yaml.")
     p.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_nfcorpus_small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 objective.decoding=basic")
+    r = sub.add_parser("prepare", help="tokenize and cut a pretraining corpus into the example cache, in parallel",
+                       description="Build the example cache of a pretraining recipe with data.num_proc processes "
+                       "(pretrain reuses it). Prints examples=<n> mean_length=<tokens per example> last.")
+    r.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_bert_base_wiki_bookcorpus.yaml")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.num_proc=16 data.corpus=[books.txt]")
     f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
     f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
@@ -203,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.pretrain import load_config, run
 
             run(load_config(args.config, args.overrides))
+        elif args.command == "prepare":
+            from retromae.pretrain import load_config, prepare
+
+            summary = prepare(load_config(args.config, args.overrides))
+            print(f"cache: {summary['folder']} ({summary['seconds']} s to build)")
+            print(f"examples={summary['examples']} mean_length={summary['mean_length']:.1f}")
         elif args.command == "demo":
             from retromae.demo import run_demo
 

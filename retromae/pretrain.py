@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retromae.config import apply_overrides, build, load_yaml, to_dict
-from retromae.data.batches import StoreBatches, StreamBatches
-from retromae.data.examples import DataConfig, build_example_store, build_example_stream
-from retromae.export import export_model, load_heads_if_present
+from retromae.config import ConfigError, apply_overrides, build, load_yaml, to_dict
+from retromae.data.batches import StoreBatches
 from retromae.data.corpus import check_sources
+from retromae.data.examples import DataConfig
+from retromae.data.store import cache_folder, corpus_statistics, prepare_store
+from retromae.data.stream import StreamBatches
+from retromae.export import export_model, load_heads_if_present
 from retromae.modeling import (
     ModelConfig,
     check_model_source,
@@ -18,10 +21,10 @@ from retromae.modeling import (
     load_tokenizer,
     resolve_model_path,
 )
-from retromae.runs import claim_output_dir
-from retromae.sentence_config import default_max_length, read_settings
 from retromae.objectives import ObjectiveConfig, build_objective_config, objective_class
 from retromae.objectives.base import check_accumulation
+from retromae.runs import claim_output_dir
+from retromae.sentence_config import default_max_length, read_settings
 from retromae.trainer import TrainConfig, Trainer, make_accelerator
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ def build_objective(cfg: PretrainConfig, tokenizer=None):
 
 
 def build_batches(cfg: PretrainConfig, tokenizer, accelerator):
+    """Streamed batches, or batches from the example cache, which every process helps to build when it is missing
+    (its share of the shards; a process that is done waits by watching the cache folder, not in a barrier)."""
     common = dict(
         batch_size=cfg.train.per_device_batch_size,
         num_processes=accelerator.num_processes,
@@ -64,12 +69,37 @@ def build_batches(cfg: PretrainConfig, tokenizer, accelerator):
         seed=cfg.train.seed,
         pad_id=tokenizer.pad_token_id,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+        num_workers=cfg.data.num_workers,
     )
     if cfg.data.streaming:
-        return StreamBatches(build_example_stream(cfg.data, tokenizer), shuffle_buffer=cfg.data.shuffle_buffer, **common)
-    with accelerator.main_process_first():
-        store = build_example_store(cfg.data, tokenizer)
-    return StoreBatches(store, num_workers=cfg.data.num_workers, **common)
+        return StreamBatches(cfg.data, tokenizer, **common)
+    store = prepare_store(cfg.data, tokenizer, rank=accelerator.process_index, world=accelerator.num_processes)
+    return StoreBatches(store, **common)
+
+
+def attach_statistics(objective, cfg: PretrainConfig, tokenizer) -> None:
+    """Objectives that weigh words by corpus statistics (e.g. PMI decoder masking) get the cache's token counts."""
+    attach = getattr(objective, "attach_corpus_statistics", None)
+    if attach is None:
+        return
+    if cfg.data.streaming:
+        raise ConfigError(f"objective {cfg.objective.name!r} needs corpus statistics, which come with the example "
+                          "cache: set data.streaming=false (and run `retromae prepare` first for a large corpus)")
+    import torch
+
+    counts, total = corpus_statistics(cfg.data, tokenizer)
+    attach(torch.as_tensor(counts), total)
+
+
+def prepare(cfg: PretrainConfig) -> dict:
+    """`retromae prepare`: build the example cache with data.num_proc processes; returns its summary."""
+    check_sources(list(cfg.data.corpus), cfg.data.format)
+    tokenizer = load_tokenizer(cfg.model)
+    store = prepare_store(cfg.data, tokenizer, num_proc=cfg.data.num_proc)
+    folder = cache_folder(cfg.data, tokenizer)
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    return {"examples": len(store), "mean_length": meta["tokens"] / max(1, len(store)), "folder": str(folder),
+            "seconds": meta.get("seconds")}
 
 
 def export_length(model: ModelConfig, tokenizer, config) -> int:
@@ -81,8 +111,14 @@ def export_length(model: ModelConfig, tokenizer, config) -> int:
 
 
 def preflight(cfg: PretrainConfig) -> None:
-    """What can be checked before anything is loaded or written: the model and the corpus files exist."""
+    """What can be checked before anything is loaded or written: the model and the corpus files exist, the
+    objective accepts the accumulation and the kind of examples asked for."""
     check_accumulation(cfg.objective, cfg.train.gradient_accumulation_steps)
+    wanted = getattr(objective_class(cfg.objective.name), "example_format", "block")
+    if (wanted == "document") != (cfg.data.cut == "document"):
+        raise ConfigError(f"objective {cfg.objective.name!r} takes "
+                          + ("whole documents (it cuts its own spans): set data.cut=document" if wanted == "document"
+                             else f"passages or packed blocks, not data.cut={cfg.data.cut}"), key="cut")
     check_model_source(cfg.model.name_or_path)
     if cfg.model.tokenizer:
         check_model_source(cfg.model.tokenizer, "model.tokenizer")
@@ -99,6 +135,7 @@ def run(cfg: PretrainConfig) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         batches = build_batches(cfg, tokenizer, accelerator)
         objective, tokenizer = build_objective(cfg, tokenizer)
+        attach_statistics(objective, cfg, tokenizer)
         if accelerator.is_main_process:
             n = getattr(batches, "batches_per_epoch", None)
             logger.info("objective %s, %s global batches per epoch", cfg.objective.name, n if n else "streamed")

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -254,6 +254,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        if self.position.cursors is not None:  # a streamed corpus: every process has its own place in it
+            atomic_write_text(tmp / f"data_position_{acc.process_index}.json", json.dumps(asdict(self.position)))
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {
@@ -299,6 +301,9 @@ class Trainer:
         self.accelerator.load_state(str(path))
         self.step = int(state["step"])
         self.position = Position(int(state["epoch"]), int(state["offset"]))
+        own = path / f"data_position_{self.accelerator.process_index}.json"
+        if own.is_file():
+            self.position = Position(**json.loads(own.read_text(encoding="utf-8")))
         if self.accelerator.is_main_process:
             logger.info("resumed from %s at step %d", path, self.step)
 

@@ -60,7 +60,7 @@ def test_pretrains_on_a_real_beir_corpus(tmp_path, tiny_model, collection, cut):
     result = run(cfg)
     assert result["steps"] == 3 and all(r["loss"] > 0 for r in result["history"])
     lines = sum(1 for _ in corpus.open())
-    from retromae.data.examples import build_example_store
+    from retromae.data.store import build_example_store
     from retromae.modeling import load_tokenizer
 
     store = build_example_store(cfg.data, load_tokenizer(cfg.model))

@@ -5,16 +5,11 @@ import json
 import pytest
 import torch
 
-from retromae.data.batches import Position, StoreBatches, StreamBatches
+from retromae.data.batches import Position, StoreBatches, collate
 from retromae.data.corpus import CorpusError, TextFields, read_corpus
-from retromae.data.examples import (
-    Cutter,
-    DataConfig,
-    build_example_store,
-    build_example_stream,
-    pack_blocks,
-    split_sentences,
-)
+from retromae.data.examples import DataConfig, ExampleBuilder, pack_blocks, split_sentences
+from retromae.data.store import build_example_store, cache_folder, file_ranges, plan_shards, shard_rows
+from retromae.data.stream import StreamBatches
 
 
 def write(path, text: str | bytes):
@@ -99,18 +94,49 @@ def test_sentence_split_and_packing():
     assert [t for b in blocks for t in b] == [t for s in sentences for t in s], "order and content are kept"
 
 
-def test_cutter_passage_and_packed(tiny_tokenizer, docstrings):
+def cut(tokenizer, texts, join=False, **data):
+    builder = ExampleBuilder(tokenizer, DataConfig(**data))
+    return list(builder.examples(iter((t, None) for t in texts), join))
+
+
+def test_passage_packed_and_document_cuts(tiny_tokenizer, docstrings):
     long_text = " ".join(d["text"] for d in docstrings[:10])
     cls, sep = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
-    passage = Cutter(tiny_tokenizer, DataConfig(cut="passage", max_len=32))([long_text, "short one."])
-    assert len(passage) == 2 and len(passage[0]) == 32 and passage[1][-1] == sep
-    packed = Cutter(tiny_tokenizer, DataConfig(cut="packed", max_len=32))([long_text])
-    assert len(packed) > 5
-    assert all(len(b) <= 32 and b[0] == cls and b[-1] == sep for b in packed)
-    inner = [t for b in packed for t in b[1:-1]]
+    passage = cut(tiny_tokenizer, [long_text, "short one."], cut="passage", max_len=32)
+    assert len(passage) == 2 and len(passage[0].input_ids) == 32 and passage[1].input_ids[-1] == sep
+    assert [e.doc for e in passage] == [0, 1]
+    packed = cut(tiny_tokenizer, [long_text], cut="packed", max_len=32)
+    assert len(packed) > 5 and {e.doc for e in packed} == {0}, "the blocks of one document share its id"
+    assert all(len(e.input_ids) <= 32 and e.input_ids[0] == cls and e.input_ids[-1] == sep for e in packed)
+    inner = [t for e in packed for t in e.input_ids[1:-1]]
     # every token of the document is kept, in order
     flat = [t for s in tiny_tokenizer(split_sentences(long_text), add_special_tokens=False)["input_ids"] for t in s]
     assert inner == flat
+    document = cut(tiny_tokenizer, [long_text, "One. Two."], cut="document", max_len=200)
+    assert len(document[0].input_ids) == 200 and sum(document[0].sentence_lengths) == 200
+    assert document[0].input_ids == flat[:200] and document[1].sentence_lengths == [2, 2]
+    batch = collate([e.input_ids for e in document], [0, 1], 0, 1, 0, 8, [e.doc for e in document],
+                    [e.sentence_lengths for e in document])
+    assert batch["sentence_ids"][1].tolist()[:5] == [0, 0, 1, 1, -1] and batch["doc"].tolist() == [0, 1]
+
+
+def test_rows_joined_into_documents_pack_into_full_blocks(tiny_tokenizer, docstrings, tmp_path):
+    """A corpus stored one sentence per row (BookCorpus) packs across rows into blocks of nearly max_len; a blank
+    line ends a document; without join_rows every row would be its own short example."""
+    sentences = [s for d in docstrings for s in split_sentences(d["text"])]
+    # book-like sentences: this tiny vocabulary cuts words into many pieces, so keep the shorter ones
+    sentences = [s for s, ids in zip(sentences, tiny_tokenizer(sentences, add_special_tokens=False)["input_ids"])
+                 if len(ids) <= 40][:600]
+    lines = sentences[:300] + [""] + sentences[300:600]
+    corpus = write(tmp_path / "books.txt", "\n".join(lines) + "\n")
+    joined = build_example_store(DataConfig(corpus=[corpus], cut="packed", max_len=256, join_rows=True,
+                                            cache_dir=str(tmp_path / "c1")), tiny_tokenizer)
+    lengths = [len(ids) for ids in joined["input_ids"]]
+    assert sum(lengths) / len(lengths) >= 0.9 * 256
+    assert len(set(joined["doc"])) == 2, "the blank line ends the first book"
+    alone = build_example_store(DataConfig(corpus=[corpus], cut="packed", max_len=256, cache_dir=str(tmp_path / "c2")),
+                                tiny_tokenizer)
+    assert len(alone) == 600 and len(joined) < 0.5 * len(alone)
 
 
 def store_for(tmp_path, tokenizer, corpus, **kw):
@@ -153,9 +179,11 @@ def test_epochs_reshuffle_and_resume_continues_exactly(tmp_path, tiny_tokenizer,
 def test_store_is_cached_and_rebuilt_when_the_corpus_changes(tmp_path, tiny_tokenizer):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"text number {i} here."}) + "\n" for i in range(20)))
-    first = store_for(tmp_path, tiny_tokenizer, corpus)
-    again = store_for(tmp_path, tiny_tokenizer, corpus)
-    assert first._fingerprint == again._fingerprint and len(first) == 20
+    cfg = DataConfig(corpus=[str(corpus)], max_len=48, cache_dir=str(tmp_path / "cache"))
+    first = build_example_store(cfg, tiny_tokenizer)
+    meta = cache_folder(cfg, tiny_tokenizer) / "meta.json"
+    built = meta.stat().st_mtime_ns
+    assert len(build_example_store(cfg, tiny_tokenizer)) == len(first) == 20 and meta.stat().st_mtime_ns == built
     corpus.write_text("".join(json.dumps({"text": f"other {i}."}) + "\n" for i in range(30)))
     assert len(store_for(tmp_path, tiny_tokenizer, corpus)) == 30
 
@@ -167,14 +195,71 @@ def test_store_surfaces_corpus_errors(tmp_path, tiny_tokenizer):
         store_for(tmp_path, tiny_tokenizer, corpus)
 
 
-def test_stream_batches_shard_and_resume(tmp_path, tiny_tokenizer, corpus_file):
-    cfg = DataConfig(corpus=[str(corpus_file)], max_len=48, streaming=True)
-    stream = build_example_stream(cfg, tiny_tokenizer)
-    one = StreamBatches(stream, 8, 1, 0, seed=1, pad_id=0, shuffle_buffer=64)
-    halves = [StreamBatches(build_example_stream(cfg, tiny_tokenizer), 4, 2, r, seed=1, pad_id=0, shuffle_buffer=64)
-              for r in range(2)]
-    run = take(one.iterate(Position()), 5)
-    for (full, _), (a, _), (b, _) in zip(run, take(halves[0].iterate(Position()), 5), take(halves[1].iterate(Position()), 5)):
-        assert torch.equal(full["seeds"], torch.cat([a["seeds"], b["seeds"]]))
-    resumed = take(one.iterate(run[1][1]), 2)
-    assert all(torch.equal(x[0]["input_ids"], y[0]["input_ids"]) for x, y in zip(run[2:4], resumed))
+def test_shards_cover_the_file_line_for_line(tmp_path, docstrings):
+    corpus = write(tmp_path / "c.jsonl", "".join(json.dumps(d) + "\n" for d in docstrings[:400]))
+    ranges = file_ranges(corpus, 20_000)
+    assert len(ranges) > 5 and ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    cfg = DataConfig(corpus=[corpus], shard_mb=1)
+    whole = [t for t, _ in shard_rows(plan_shards(cfg)[0], cfg)]
+    import dataclasses
+
+    pieces = [dataclasses.replace(plan_shards(cfg)[0], start=a, end=b, first_line=line) for a, b, line in ranges]
+    assert [t for p in pieces for t, _ in shard_rows(p, cfg)] == whole == [d["title"] + " " + d["text"] for d in
+                                                                           docstrings[:400]]
+    # a bad line deep in a shard is still named by its line in the file
+    lines = open(corpus).read().splitlines()
+    lines[333] = '{"text": broken'
+    bad = write(tmp_path / "bad.jsonl", "\n".join(lines) + "\n")
+    shard = [p for p in pieces if p.first_line <= 334][-1]
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:334: not valid JSON"):
+        list(shard_rows(dataclasses.replace(shard, source=bad), cfg))
+
+
+def test_stream_reads_its_share_and_resumes_from_cursors(tmp_path, tiny_tokenizer, docstrings):
+    corpus = write(tmp_path / "c.jsonl", "".join(json.dumps(d) + "\n" for d in docstrings[:600]))
+    cfg = DataConfig(corpus=[corpus], max_len=48, streaming=True, shuffle_chunk=50)
+    for workers in (0, 2):
+        batches = StreamBatches(cfg, tiny_tokenizer, 8, 1, 0, seed=1, pad_id=0, num_workers=workers)
+        run = take(batches.iterate(Position()), 12)
+        assert all(b["input_ids"].shape[0] == 8 for b, _ in run)
+        resumed = take(batches.iterate(run[6][1]), 5)
+        for (a, pa), (b, pb) in zip(run[7:], resumed):
+            assert pa == pb and all(torch.equal(a[k], b[k]) for k in a), f"resume with {workers} workers"
+    halves = [StreamBatches(cfg, tiny_tokenizer, 4, 2, r, seed=1, pad_id=0) for r in range(2)]
+    docs = [{d for b, _ in take(h.iterate(Position()), 10) for d in b["doc"].tolist()} for h in halves]
+    assert docs[0] and docs[1] and not docs[0] & docs[1], "each process reads its own shards"
+
+
+PREPARE = """
+import sys
+from transformers import AutoTokenizer
+from retromae.data.examples import DataConfig
+from retromae.data.store import prepare_store
+corpus, cache, rank = sys.argv[1:4]
+cfg = DataConfig(corpus=[corpus], cut="packed", max_len=64, shard_mb=1, cache_dir=cache)
+store = prepare_store(cfg, AutoTokenizer.from_pretrained(sys.argv[4]), rank=int(rank), world=2)
+print(len(store))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_prepare_the_cache_one_process_would(tmp_path, tiny_model, tiny_tokenizer, docstrings):
+    """Each process of a launch builds its share of the shards and waits for the others by watching the folder;
+    the cache is the one a single process builds (same examples, same order, same documents)."""
+    import subprocess
+    import sys
+
+    text = "".join(json.dumps(d) + "\n" for d in docstrings)
+    corpus = write(tmp_path / "c.jsonl", text * (2_600_000 // len(text) + 1))  # about 2.6 MB: 3 shards of 1 MB
+    cache = str(tmp_path / "two")
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE, corpus, cache, str(r), str(tiny_model)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    cfg = DataConfig(corpus=[corpus], cut="packed", max_len=64, shard_mb=1, cache_dir=str(tmp_path / "one"))
+    one = build_example_store(cfg, tiny_tokenizer)
+    assert len(plan_shards(cfg)) == 3 and [int(o.strip().splitlines()[-1]) for o, _ in outputs] == [len(one)] * 2
+    from retromae.data.store import open_store
+
+    two = open_store(cache_folder(DataConfig(**{**cfg.__dict__, "cache_dir": cache}), tiny_tokenizer))
+    assert two["input_ids"] == one["input_ids"] and two["doc"] == one["doc"]

@@ -54,6 +54,33 @@ def test_bag_of_words_target_and_max_pool_by_hand():
     assert bag_of_words_loss_sum(log_probs, bag).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_chunked_logit_losses_equal_the_whole_computation(tiny_model, docstrings, monkeypatch):
+    """The memory-bounded MLM cross-entropy (chunks under checkpointing) and max-pooled logits (blocks of positions)
+    give the values and gradients of computing all logits at once."""
+    from retromae.modeling import mlm_head
+    from retromae.objectives import base
+
+    objective, tokenizer = make(tiny_model, "dupmae")
+    batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:6]]))
+    head = mlm_head(objective.encoder)
+    hidden = torch.randn(*batch["input_ids"].shape, objective.encoder.config.hidden_size, requires_grad=True)
+
+    def both():
+        hidden.grad = None
+        ce = base.masked_lm_loss_sum(head, hidden, batch["input_ids"], batch["decoder_targets"])
+        mu = base.max_pooled_logits(head, hidden, batch["bow_positions"])
+        (ce + mu.logsumexp(-1).sum()).backward()
+        return ce.detach(), mu.detach(), hidden.grad.clone()
+
+    whole = both()
+    monkeypatch.setattr(base, "LOGIT_BUDGET", 3 * len(tokenizer))  # chunks of 256 rows, blocks of 1 position
+    chunked = both()
+    assert torch.allclose(whole[0], chunked[0], rtol=1e-5) and torch.equal(whole[1], chunked[1])
+    assert torch.allclose(whole[2], chunked[2], atol=1e-6)
+    reference = max_pool_logits(head(hidden.detach()), batch["bow_positions"])
+    assert torch.allclose(whole[1], reference)
+
+
 def test_dupmae_positions_and_losses(tiny_model, docstrings):
     texts = [d["text"] for d in docstrings[:6]]
     paper, tokenizer = make(tiny_model, "dupmae")
@@ -185,22 +212,44 @@ def test_spans_stay_inside_their_text(tiny_model, docstrings):
     texts = [d["text"] for d in docstrings[:10]] + ["Tiny text."]
     batch = costa.prepare(batch_of(tokenizer, texts, max_len=96))
     ids, words = batch["input_ids"], batch["words"]
-    spans_per_text = 4 * 5
-    span_ids = batch["span_input_ids"].view(len(texts), spans_per_text, -1)
-    token_mask = batch["span_token_mask"].view(len(texts), spans_per_text, -1)
-    attention = batch["span_attention_mask"].view(len(texts), spans_per_text, -1)
+    spans_per_text, groups = 4 * 5, batch["span_groups"]
+    widths = [g["input_ids"].shape[1] for g in groups]
+    assert widths == sorted(widths) and widths[0] <= 10 < 64 < widths[-1], "each granularity padded to its own width"
+    span_ids, token_mask, attention = ([g[key].view(len(texts), 5, -1) for g in groups]
+                                       for key in ("input_ids", "token_mask", "attention_mask"))
     for b in range(len(texts)):
         text_tokens = ids[b][words[b] >= 0].tolist()
         n = len(text_tokens)
         for s in range(spans_per_text):
-            tokens = span_ids[b, s][token_mask[b, s]].tolist()
+            g, k = divmod(s, 5)
+            tokens = span_ids[g][b, k][token_mask[g][b, k]].tolist()
             assert 1 <= len(tokens) <= n, "a span is never empty and never longer than its text"
             lo, hi = [[1, 3], [4, 16], [16, 64], [64, 128]][s // 5]
             assert len(tokens) == n if n < lo else lo <= len(tokens) <= min(hi, n)
             starts = [i for i in range(n - len(tokens) + 1) if text_tokens[i : i + len(tokens)] == tokens]
             assert starts, "a span is a contiguous piece of its own text: no padding, no special token"
-            row = span_ids[b, s][attention[b, s].bool()].tolist()
+            row = span_ids[g][b, k][attention[g][b, k].bool()].tolist()
             assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id and row[1:-1] == tokens
+
+
+@pytest.mark.parametrize("name, switch, extra", [("costa", "span_checkpointing", {"span_chunk": 0.1}),
+                                                 ("bow", "view_checkpointing", {})])
+def test_memory_checkpointing_changes_no_value_or_gradient(tiny_model, docstrings, name, switch, extra):
+    """COSTA's spans and the BoW decoder's two views, encoded under activation checkpointing to save memory, give
+    the losses and gradients of encoding them plainly."""
+    texts = [d["text"] for d in docstrings[:6]]
+    results = []
+    for checkpointing in (False, True):
+        objective, tokenizer = make(tiny_model, name, **{switch: checkpointing, **extra})
+        losses = objective(objective.prepare(batch_of(tokenizer, texts, max_len=96)))
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}))
+    for key, value in results[0][0].items():
+        assert torch.allclose(value, results[1][0][key], rtol=1e-5), key
+    assert results[0][1].keys() == results[1][1].keys()
+    for key, grad in results[0][1].items():
+        assert torch.allclose(grad, results[1][1][key], atol=1e-6, rtol=1e-4), key
 
 
 def test_span_sampling_is_seeded_per_text():
@@ -347,3 +396,32 @@ def test_contrastive_objectives_refuse_gradient_accumulation(tiny_model, corpus_
         assert not (tmp_path / name).exists(), "refused before anything is written"
     for objective in ({"name": "retromae"}, {"name": "bow", "views": 1, "contrast_weight": 0.0}):
         check_accumulation(build_objective_config(objective), 4)
+
+
+def test_blocks_of_one_document_are_not_negatives_of_each_other():
+    """Two packed blocks of one article (same `doc`) must not push each other away: each text's loss equals the
+    loss computed without the other block among its negatives."""
+    import torch.nn.functional as F
+
+    from retromae.objectives.base import same_document_elsewhere
+    from retromae.objectives.bow import symmetric_infonce_sum
+    from retromae.objectives.costa import group_contrastive_loss_sum
+
+    torch.manual_seed(3)
+    texts, spans = torch.randn(3, 8), torch.randn(6, 8)
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = {"doc": torch.tensor([7, 7, 9])}  # texts 0 and 1: one document
+    excluded = same_document_elsewhere(batch, 0, batch["doc"])
+    assert excluded.tolist() == [[False, True, False], [True, False, False], [False, False, False]]
+    masked = group_contrastive_loss_sum(texts, spans, owner, 0, 0.1, True, excluded)
+    visible = {0: [0, 1, 4, 5], 1: [2, 3, 4, 5], 2: [0, 1, 2, 3, 4, 5]}  # own spans and other documents' only
+    by_hand = sum(group_contrastive_loss_sum(texts[i : i + 1], spans[cols], owner[cols], i, 0.1, True)
+                  for i, cols in visible.items())
+    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert masked.item() < group_contrastive_loss_sum(texts, spans, owner, 0, 0.1, True).item()
+    a, b = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)
+    rows = {0: [0, 2], 1: [1, 2], 2: [0, 1, 2]}  # the candidates of each text: itself and other documents
+    hand = sum((F.cross_entropy((a[i] @ b[cols].T / 0.05)[None], torch.tensor([cols.index(i)]))
+                + F.cross_entropy((b[i] @ a[cols].T / 0.05)[None], torch.tensor([cols.index(i)]))) / 2
+               for i, cols in rows.items())
+    assert symmetric_infonce_sum(a, b, 0.05, False, batch).item() == pytest.approx(hand.item(), rel=1e-5)

@@ -19,13 +19,19 @@ from retromae.rng import example_seeds, mix32, to_int32
 
 @dataclass
 class Position:
-    """Where the data stream is: `offset` global batches into `epoch`."""
+    """Where the data stream is: `offset` global batches into `epoch`; a streamed corpus also keeps each of the
+    process's stream workers' cursor (retromae.data.stream)."""
 
     epoch: int = 0
     offset: int = 0
+    cursors: list | None = None
 
 
-def collate(examples: list[list[int]], indices: list[int], epoch: int, seed: int, pad_id: int, multiple: int) -> dict:
+def collate(examples: list[list[int]], indices: list[int], epoch: int, seed: int, pad_id: int, multiple: int,
+            docs: list[int] | None = None, sentence_lengths: list[list[int]] | None = None) -> dict:
+    """A padded micro-batch: input_ids, attention_mask, per-example seeds; `doc` (each example's document, so that
+    contrastive losses can leave out negatives from the same document); `sentence_ids` (the sentence of each token,
+    -1 at padding) for whole-document examples."""
     lengths = torch.tensor([len(e) for e in examples])
     longest = int(lengths.max())
     if multiple > 1:
@@ -33,11 +39,19 @@ def collate(examples: list[list[int]], indices: list[int], epoch: int, seed: int
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     for row, ids in enumerate(examples):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": (torch.arange(longest)[None, :] < lengths[:, None]).long(),
         "seeds": example_seeds(seed, epoch, torch.as_tensor(indices, dtype=torch.long)),
+        "doc": torch.as_tensor(docs if docs is not None else indices, dtype=torch.long),
     }
+    if sentence_lengths is not None:
+        sentence_ids = torch.full((len(examples), longest), -1, dtype=torch.long)
+        for row, sizes in enumerate(sentence_lengths):
+            sentence = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes, dtype=torch.long))
+            sentence_ids[row, : len(sentence)] = sentence
+        batch["sentence_ids"] = sentence_ids
+    return batch
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -52,8 +66,9 @@ class TokenBatch:
         self.store, self.seed, self.pad_id, self.multiple = store, seed, pad_id, multiple
 
     def __call__(self, indices: list[int], epoch: int) -> dict:
-        examples = self.store[indices]["input_ids"]
-        return collate(examples, indices, epoch, self.seed, self.pad_id, self.multiple)
+        rows = self.store[indices]
+        return collate(rows["input_ids"], indices, epoch, self.seed, self.pad_id, self.multiple, rows.get("doc"),
+                       rows.get("sentence_lengths"))
 
 
 class _IndexedStore(torch.utils.data.Dataset):
@@ -128,45 +143,3 @@ class StoreBatches:
             if offset == self.per_epoch:
                 epoch, offset = epoch + 1, 0
             yield batch, Position(epoch, offset)
-
-
-class StreamBatches:
-    """Batches from a streamed example source (a `datasets.IterableDataset`), shuffled through a buffer.
-
-    Every process reads the whole stream and keeps its slice of each global batch: simple, exact, and cheap
-    next to a training step. A stream has no known length, so runs set train.max_steps.
-    """
-
-    batches_per_epoch = None
-
-    def __init__(self, stream, batch_size: int, num_processes: int, process_index: int, seed: int, pad_id: int,
-                 pad_to_multiple_of: int = 8, shuffle_buffer: int = 10000):
-        self.batch_size, self.seed = batch_size, seed
-        self.num_processes, self.process_index = num_processes, process_index
-        self.global_batch = batch_size * num_processes
-        self.pad_id, self.multiple = pad_id, pad_to_multiple_of
-        self.stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer) if shuffle_buffer > 1 else stream
-
-    def iterate(self, start: Position) -> Iterator[tuple[dict, Position]]:
-        epoch, skip = start.epoch, start.offset
-        while True:
-            self.stream.set_epoch(epoch)
-            offset, pending, produced = 0, [], False
-            for index, example in enumerate(self.stream):
-                pending.append(example["input_ids"])
-                if len(pending) < self.global_batch:
-                    continue
-                first = index + 1 - self.global_batch
-                lo = self.process_index * self.batch_size
-                mine = pending[lo : lo + self.batch_size]
-                pending = []
-                offset += 1
-                produced = True
-                if offset <= skip:
-                    continue
-                indices = list(range(first + lo, first + lo + self.batch_size))
-                yield collate(mine, indices, epoch, self.seed, self.pad_id, self.multiple), Position(epoch, offset)
-            if not produced:
-                raise ConfigError("the streamed corpus holds fewer examples than one global batch; lower "
-                                  "train.per_device_batch_size")
-            epoch, skip = epoch + 1, 0

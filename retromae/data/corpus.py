@@ -31,6 +31,7 @@ class TextFields:
     tsv_text_column: int = -1
     tsv_title_column: int | None = None
     skip_empty: bool = False
+    document_field: str | None = None
 
     def join(self, title: str | None, text: str) -> str:
         title = (title or "").strip()
@@ -60,8 +61,18 @@ def detect_format(path: str) -> str:
     )
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line without newline); non-UTF-8 input is an error naming the line."""
+def _lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line without newline); non-UTF-8 input is an error naming the line.
+
+    `start` / `end`: a byte range of the file (a shard; `start` must be a line start and `first_line` its number);
+    a line that starts before `end` belongs to the range."""
+    for number, line, _ in lines_with_offsets(path, start, end, first_line):
+        yield number, line
+
+
+def lines_with_offsets(path: str, start: int = 0, end: int | None = None, first_line: int = 1
+                       ) -> Iterator[tuple[int, str, int]]:
+    """As `_lines`, with the byte offset just after each line (where reading can resume)."""
     p = Path(path)
     if not p.exists():
         raise CorpusError(not_found(path))
@@ -69,7 +80,13 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
         raise CorpusError(f"{path}: is a directory, not a corpus file (for a Hugging Face dataset set data.format=hf)")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        if start:
+            f.seek(start)
+        position = start
+        for number, raw in enumerate(f, start=first_line):
+            if end is not None and position >= end:
+                return
+            position += len(raw)
             try:
                 # utf-8-sig on the first line: a byte-order mark (as some Windows editors write) is not text
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -78,7 +95,7 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
                     f"{path}:{number}: not UTF-8 (byte {err.start} of the line is 0x{raw[err.start]:02x}); "
                     "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
                 ) from None
-            yield number, line.rstrip("\r\n")
+            yield number, line.rstrip("\r\n"), position
 
 
 def json_records(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
@@ -101,14 +118,15 @@ def json_records(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple
     return rows
 
 
-def _empty(path: str, number: int, fields: TextFields, what: str = "line") -> bool:
-    if fields.skip_empty:
-        return True
-    raise CorpusError(f"{path}:{number}: empty {what}; remove it, or set data.skip_empty=true to skip empty texts")
+# A reader yields rows: (text, document key). A text of None is a document boundary (a blank line in a plain-text
+# file), which only matters when rows are joined into documents (data.join_rows); the key is the value of
+# data.document_field (a change of it also starts a new document), or None.
+Row = tuple[str | None, object]
+BOUNDARY: Row = (None, None)
 
 
-def read_jsonl(path: str, fields: TextFields) -> Iterator[str]:
-    for number, line in _lines(path):
+def read_jsonl(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
+    for number, line in lines if lines is not None else _lines(path):
         if not line.strip():
             continue  # a blank line (a trailing newline, a separator) holds no record
         try:
@@ -117,34 +135,40 @@ def read_jsonl(path: str, fields: TextFields) -> Iterator[str]:
             raise CorpusError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(record, dict):
             raise CorpusError(f"{path}:{number}: expected a JSON object with a '{fields.text_field}' field")
-        if fields.text_field not in record:
-            keys = ", ".join(map(str, record)) or "none"
-            raise CorpusError(
-                f"{path}:{number}: no '{fields.text_field}' field (fields: {keys}); "
-                "set data.text_field to the field that holds the text"
-            )
-        text = record[fields.text_field]
-        if not isinstance(text, str):
-            raise CorpusError(f"{path}:{number}: field '{fields.text_field}' is {type(text).__name__}, not a string")
-        title = record.get(fields.title_field) if fields.title_field else None
-        if title is not None and not isinstance(title, str):
-            raise CorpusError(f"{path}:{number}: field '{fields.title_field}' is {type(title).__name__}, not a string")
-        joined = fields.join(title, text).strip()
-        if not joined:
-            if _empty(path, number, fields, "text"):
-                continue
-        yield joined
+        text = _record_text(record, fields, f"{path}:{number}")
+        if text is not None:
+            yield text, record.get(fields.document_field) if fields.document_field else None
 
 
-def read_text(path: str, fields: TextFields) -> Iterator[str]:
-    for number, line in _lines(path):
-        if line.strip():  # blank lines separate texts; they are not texts
-            yield line.strip()
+def _record_text(record: dict, fields: TextFields, where: str) -> str | None:
+    """The (title +) text of a JSON / Hugging Face record; None for an empty text that data.skip_empty skips."""
+    if fields.text_field not in record:
+        keys = ", ".join(map(str, record)) or "none"
+        raise CorpusError(f"{where}: no '{fields.text_field}' field (fields: {keys}); "
+                          "set data.text_field to the field that holds the text")
+    text = record[fields.text_field] if record[fields.text_field] is not None else ""
+    if not isinstance(text, str):
+        raise CorpusError(f"{where}: field '{fields.text_field}' is {type(text).__name__}, not a string")
+    title = record.get(fields.title_field) if fields.title_field else None
+    if title is not None and not isinstance(title, str):
+        raise CorpusError(f"{where}: field '{fields.title_field}' is {type(title).__name__}, not a string")
+    joined = fields.join(title, text).strip()
+    if not joined:
+        if fields.skip_empty:
+            return None
+        raise CorpusError(f"{where}: empty text; remove it, or set data.skip_empty=true to skip empty texts")
+    return joined
 
 
-def read_tsv(path: str, fields: TextFields) -> Iterator[str]:
+def read_text(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
+    for _, line in lines if lines is not None else _lines(path):
+        # a blank line is no text; where rows are joined into documents, it ends one (as between books)
+        yield (line.strip(), None) if line.strip() else BOUNDARY
+
+
+def read_tsv(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
     width = None
-    for number, line in _lines(path):
+    for number, line in lines if lines is not None else _lines(path):
         if not line.strip():
             continue
         columns = line.split("\t")
@@ -164,43 +188,38 @@ def read_tsv(path: str, fields: TextFields) -> Iterator[str]:
             ) from None
         joined = fields.join(title, text).strip()
         if not joined:
-            if _empty(path, number, fields, "text"):
+            if fields.skip_empty:
                 continue
-        yield joined
+            raise CorpusError(f"{path}:{number}: empty text; remove it, or set data.skip_empty=true to skip empty "
+                              "texts")
+        yield joined, None
 
 
-def read_hf(name: str, fields: TextFields, config: str | None, split: str) -> Iterator[str]:
-    """Stream a Hugging Face dataset (hub name, local dataset folder, or a folder saved by save_to_disk).
-
-    `name:config` picks a configuration per source (e.g. wikimedia/wikipedia:20231101.en), overriding `config`.
-    """
+def open_hf(name: str, config: str | None, split: str, streaming: bool):
+    """A Hugging Face dataset (hub name, local dataset folder, or a folder saved by save_to_disk): map-style (Arrow,
+    memory-mapped, rows addressable) unless `streaming`. `name:config` picks a configuration per source (e.g.
+    wikimedia/wikipedia:20231101.en), overriding `config`."""
     import datasets
 
     if ":" in name and not os.path.exists(name):
         name, config = name.split(":", 1)
-
-    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")) and os.path.exists(
-        os.path.join(name, "state.json")
-    ):
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "state.json")):
         loaded = datasets.load_from_disk(name)
-        rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    else:
-        try:
-            rows = datasets.load_dataset(name, config, split=split, streaming=True)
-        except Exception as err:  # the hub client raises many types; all mean "cannot open this dataset"
-            raise CorpusError(f"{name}: cannot load this Hugging Face dataset (split {split!r}): {err}") from err
-    for number, record in enumerate(rows):
-        if fields.text_field not in record:
-            keys = ", ".join(record) or "none"
-            raise CorpusError(
-                f"{name} row {number}: no '{fields.text_field}' field (fields: {keys}); set data.text_field"
-            )
-        title = record.get(fields.title_field) if fields.title_field else None
-        joined = fields.join(title, record[fields.text_field] or "").strip()
-        if not joined:
-            if _empty(name, number, fields, "text"):
-                continue
-        yield joined
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as err:  # the hub client raises many types; all mean "cannot open this dataset"
+        raise CorpusError(f"{name}: cannot load this Hugging Face dataset (split {split!r}): {err}") from err
+
+
+def read_hf(name: str, fields: TextFields, config: str | None, split: str, rows=None, first_row: int = 0
+            ) -> Iterator[Row]:
+    """Rows of a Hugging Face dataset, streamed, or the given `rows` (e.g. a shard) numbered from `first_row`."""
+    rows = rows if rows is not None else open_hf(name, config, split, streaming=True)
+    for number, record in enumerate(rows, start=first_row):
+        text = _record_text(record, fields, f"{name} row {number}")
+        if text is not None:
+            yield text, record.get(fields.document_field) if fields.document_field else None
 
 
 def read_corpus(
@@ -211,16 +230,23 @@ def read_corpus(
         raise CorpusError("data.corpus is empty: give one or more files (jsonl, txt, tsv) or a Hugging Face dataset")
     for source in sources:
         kind = detect_format(source) if fmt == "auto" else fmt
-        if kind == "jsonl":
-            yield from read_jsonl(source, fields)
-        elif kind == "text":
-            yield from read_text(source, fields)
-        elif kind == "tsv":
-            yield from read_tsv(source, fields)
-        elif kind == "hf":
-            yield from read_hf(source, fields, hf_config, hf_split)
-        else:
-            raise CorpusError(f"data.format={fmt!r} is not one of {', '.join(FORMATS)}")
+        for text, _ in read_rows(source, kind, fields, hf_config, hf_split):
+            if text is not None:
+                yield text
+
+
+def read_rows(source: str, kind: str, fields: TextFields, hf_config: str | None = None, hf_split: str = "train",
+              lines=None) -> Iterator[Row]:
+    """The rows of one source of a known format (see `Row`); `lines` restricts a file to a shard."""
+    if kind == "jsonl":
+        return read_jsonl(source, fields, lines)
+    if kind == "text":
+        return read_text(source, fields, lines)
+    if kind == "tsv":
+        return read_tsv(source, fields, lines)
+    if kind == "hf":
+        return read_hf(source, fields, hf_config, hf_split)
+    raise CorpusError(f"data.format={kind!r} is not one of {', '.join(FORMATS)}")
 
 
 def check_sources(sources: list[str], fmt: str = "auto") -> None:

@@ -117,16 +117,69 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# Vocabulary logits held at once by the losses below (rows x vocabulary): 2^26 is 128 MB in bf16, 256 MB in fp32.
+LOGIT_BUDGET = 1 << 26
+
+
 def masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the MLM head predicting `input_ids` at the positions `where` (bool, B x L) only.
 
     Computing logits only where there is a label (not at every position, as `BertForMaskedLM` does) is what
-    keeps a vocabulary-sized projection from dominating the step.
+    keeps a vocabulary-sized projection from dominating the step. When there are many labels (RetroMAE's decoder
+    predicts every token: 32 x 512 x 30,522 logits are 2 GB in fp32, and autograd would keep them and their
+    log-softmax for the backward pass), the rows go through the head in chunks, each under activation
+    checkpointing: only the hidden rows are kept, and each chunk's logits are recomputed in the backward pass.
     """
     positions = where.nonzero(as_tuple=True)  # one device sync, shared by the states and the labels
     if positions[0].numel() == 0:
         return hidden.sum() * 0.0
-    return F.cross_entropy(full_precision(head(hidden[positions])), input_ids[positions], reduction="sum")
+    rows, targets = hidden[positions], input_ids[positions]
+    chunk = max(256, LOGIT_BUDGET // _vocabulary(head, rows))
+    if rows.shape[0] <= chunk or not torch.is_grad_enabled():
+        return _cross_entropy_sum(head, rows, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return sum(checkpoint(_cross_entropy_sum, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+               for i in range(0, rows.shape[0], chunk))
+
+
+def _cross_entropy_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(full_precision(head(rows)), targets, reduction="sum")
+
+
+def _vocabulary(head: nn.Module, rows: torch.Tensor) -> int:
+    """The head's output size, without running it (the largest out_features of its linear layers)."""
+    sizes = [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
+    return max(sizes) if sizes else rows.shape[-1]
+
+
+def max_pooled_logits(head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """mu: the head's logits max-pooled over the `positions` (B, L) of each text -> (B, V), in fp32.
+
+    Computed a block of positions at a time, in the activations' precision (a max is exact in any precision),
+    and only the pooled (B, V) result is cast: the (B, L, V) logits, 1 GB in bf16 at 32 x 512 for BERT, never exist
+    at once, and autograd keeps only each block's argmax.
+    """
+    batch, length = positions.shape
+    block = max(1, LOGIT_BUDGET // max(1, batch * _vocabulary(head, hidden)))
+    pooled = None
+    for start in range(0, length, block):
+        logits = head(hidden[:, start : start + block])
+        logits = logits.masked_fill(~positions[:, start : start + block, None], float("-inf")).max(dim=1).values
+        pooled = logits if pooled is None else torch.maximum(pooled, logits)
+    return full_precision(pooled)
+
+
+def same_document_elsewhere(batch: dict, first_text: int, all_docs: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) bool: global text j (of N, every process's texts when `all_docs` was gathered) comes from the same
+    document as local text b but is another text: a false negative for contrastive losses (two packed blocks of one
+    article, neighbouring blocks of a stream), to leave out of the softmax. None when the batch has no `doc`."""
+    docs = batch.get("doc")
+    if docs is None or all_docs is None:
+        return None
+    ids = first_text + torch.arange(docs.shape[0], device=docs.device)
+    others = torch.arange(all_docs.shape[0], device=docs.device)
+    return (all_docs[None, :] == docs[:, None]) & (others[None, :] != ids[:, None])
 
 
 _REGISTRY: dict[str, type[Objective]] = {}

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from retromae.config import ConfigError
-from retromae.distributed import gather_with_grad, world
+from retromae.distributed import gather, gather_with_grad, world
 from retromae.masking import ENCODER_MASK, ENCODER_RANDOM_IDS, ENCODER_REPLACE, corrupt, whole_word_mask
 from retromae.modeling import base_model, encoder_hidden, mlm_head
-from retromae.objectives.base import full_precision, masked_lm_loss_sum, register
+from retromae.objectives.base import full_precision, masked_lm_loss_sum, register, same_document_elsewhere
 from retromae.objectives.dupmae import bag_of_words, bag_of_words_loss_sum
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 
@@ -39,6 +39,7 @@ class BoWConfig(MLMConfig):
     contrast_weight: float = 1.0  # lambda, the weight of the InfoNCE between the views (needs views: 2)
     temperature: float = 0.05  # InfoNCE temperature on cosine similarities of the log-distributions
     cross_process: bool = True  # other processes' views are negatives too
+    view_checkpointing: bool = True  # two views: recompute each view's encoder pass in backward (memory of one view)
 
     def batch_wide_losses(self) -> list[str]:
         return ["contrast"] if self.views == 2 else []
@@ -68,20 +69,26 @@ class MLPDecoder(nn.Module):
         return self.norm(F.gelu(self.dense(h))) @ self.word_embeddings.weight.T + self.bias
 
 
-def symmetric_infonce_sum(a: torch.Tensor, b: torch.Tensor, temperature: float, cross_process: bool) -> torch.Tensor:
+def symmetric_infonce_sum(a: torch.Tensor, b: torch.Tensor, temperature: float, cross_process: bool,
+                          batch: dict | None = None) -> torch.Tensor:
     """sum over local texts of (CE(a_i vs all b) + CE(b_i vs all a)) / 2 with cosine similarities; `all` spans
-    every process when `cross_process` (gathered with gradients)."""
+    every process when `cross_process` (gathered with gradients). Texts of the batch's own documents (`doc`)
+    are left out of each other's negatives."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     rank, size = world()
     offset = 0
     all_a, all_b = a, b
+    docs = (batch or {}).get("doc")
     if cross_process and size > 1:
         all_a, all_b = gather_with_grad(a), gather_with_grad(b)
         offset = rank * a.shape[0]
+        docs = gather(docs) if docs is not None else None
     targets = offset + torch.arange(a.shape[0], device=a.device)
-    forward = F.cross_entropy(a @ all_b.T / temperature, targets, reduction="sum")
-    backward = F.cross_entropy(b @ all_a.T / temperature, targets, reduction="sum")
-    return (forward + backward) / 2
+    excluded = same_document_elsewhere(batch or {}, offset, docs)
+    forward, backward = a @ all_b.T / temperature, b @ all_a.T / temperature
+    if excluded is not None:
+        forward, backward = forward.masked_fill(excluded, float("-inf")), backward.masked_fill(excluded, float("-inf"))
+    return (F.cross_entropy(forward, targets, reduction="sum") + F.cross_entropy(backward, targets, reduction="sum")) / 2
 
 
 @register
@@ -121,17 +128,29 @@ class BagOfWords(MaskedLM):
             items["contrast"] = torch.tensor(float(batch["input_ids"].shape[0]), device=texts.device)
         return items
 
+    def view(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+             masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One masked view: (its summed MLM loss, its word log-distribution (B, V))."""
+        hidden = encoder_hidden(self.encoder, input_ids, attention_mask)
+        mlm = masked_lm_loss_sum(mlm_head(self.encoder), hidden, targets, masked)
+        return mlm, full_precision(self.decode_words(hidden[:, 0])).log_softmax(-1)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        hidden = self.encode(batch)
-        logits = full_precision(self.decode_words(hidden[:, 0]))
-        log_probs = [logits.log_softmax(-1)]
-        mlm = self.mlm_loss(hidden, batch)
+        views = [(batch["encoder_input_ids"], batch["encoder_mask"])]
         if self.config.views == 2:
-            second = encoder_hidden(self.encoder, batch["second_input_ids"], batch["attention_mask"])
-            mlm = mlm + masked_lm_loss_sum(mlm_head(self.encoder), second, batch["input_ids"], batch["second_mask"])
-            log_probs.append(full_precision(self.decode_words(second[:, 0])).log_softmax(-1))
-        losses = {"mlm": mlm, "bow": sum(bag_of_words_loss_sum(lp, batch["bow_targets"]) for lp in log_probs)}
+            views.append((batch["second_input_ids"], batch["second_mask"]))
+        run = self.view
+        if self.config.views == 2 and self.config.view_checkpointing and torch.is_grad_enabled():
+            # Two encoder passes would hold twice MLM's activations; under checkpointing each view keeps only its
+            # outputs and is recomputed in the backward pass, one view's activations alive at a time.
+            from torch.utils.checkpoint import checkpoint
+
+            run = lambda *args: checkpoint(self.view, *args, use_reentrant=False)  # noqa: E731
+        outputs = [run(ids, batch["attention_mask"], batch["input_ids"], masked) for ids, masked in views]
+        log_probs = [lp for _, lp in outputs]
+        losses = {"mlm": sum(mlm for mlm, _ in outputs),
+                  "bow": sum(bag_of_words_loss_sum(lp, batch["bow_targets"]) for lp in log_probs)}
         if self.config.views == 2:
             losses["contrast"] = symmetric_infonce_sum(log_probs[0], log_probs[1], self.config.temperature,
-                                                       self.config.cross_process)
+                                                       self.config.cross_process, batch)
         return losses

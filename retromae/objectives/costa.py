@@ -25,7 +25,7 @@ from retromae.config import ConfigError
 from retromae.data.examples import special_wrapping
 from retromae.distributed import gather, gather_with_grad, world
 from retromae.modeling import encoder_hidden
-from retromae.objectives.base import full_precision, register
+from retromae.objectives.base import full_precision, register, same_document_elsewhere
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 from retromae.rng import uniform
 
@@ -42,6 +42,8 @@ class COSTAConfig(MLMConfig):
     span_weight: float = 1.0  # weight of the span loss next to MLM
     own_spans_in_denominator: bool = True  # the text's other spans count in each positive's softmax
     cross_process: bool = True  # other processes' spans are negatives too
+    span_checkpointing: bool = True  # encode spans a chunk at a time under activation checkpointing (saves memory)
+    span_chunk: float = 0.25  # span tokens per checkpointed chunk, as a share of the text batch's tokens
 
     def batch_wide_losses(self) -> list[str]:
         return ["span"]
@@ -51,6 +53,8 @@ class COSTAConfig(MLMConfig):
         for pair in self.span_lengths:
             if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
                 raise ConfigError(f"objective.span_lengths: {pair} is not a [min, max] with 1 <= min <= max")
+        if not 0 < self.span_chunk:
+            raise ConfigError("objective.span_chunk must be > 0", key="span_chunk")
         if self.spans_per_granularity < 1 or self.temperature <= 0:
             raise ConfigError("objective.spans_per_granularity must be >= 1 and objective.temperature > 0")
 
@@ -72,10 +76,14 @@ def sample_spans(lengths: torch.Tensor, seeds: torch.Tensor, ranges: list[list[i
 
 
 def group_contrastive_loss_sum(texts: torch.Tensor, spans: torch.Tensor, owner: torch.Tensor, first_text: int,
-                               temperature: float, own_in_denominator: bool) -> torch.Tensor:
+                               temperature: float, own_in_denominator: bool,
+                               excluded_texts: torch.Tensor | None = None) -> torch.Tensor:
     """Summed group-wise loss of the local `texts` (B, D) against all `spans` (N, D) owned by global text ids
-    `owner` (N,); local text b has global id first_text + b. Vectors are compared by cosine similarity."""
+    `owner` (N,); local text b has global id first_text + b. Vectors are compared by cosine similarity.
+    `excluded_texts` (B, texts): spans of these texts are no negatives of b (other blocks of its document)."""
     logits = F.normalize(texts, dim=-1) @ F.normalize(spans, dim=-1).T / temperature
+    if excluded_texts is not None:
+        logits = logits.masked_fill(excluded_texts[:, owner], float("-inf"))
     ids = first_text + torch.arange(texts.shape[0], device=texts.device)
     positive = owner[None, :] == ids[:, None]  # (B, N)
     if own_in_denominator:
@@ -108,14 +116,19 @@ class COSTA(MaskedLM):
         lengths = ordinary.sum(-1)
         first = ordinary.long().argmax(-1)  # position of the first ordinary token (after [CLS] / <s>)
         start, size = sample_spans(lengths, batch["seeds"], self.config.span_lengths, self.config.spans_per_granularity)
-        batch.update(self._span_inputs(batch["input_ids"], first[:, None] + start, size))
+        per = self.config.spans_per_granularity
+        # One padded input per granularity: padded to the longest span of the batch, a paragraph-long width would
+        # be given to every word-long span too (at 32 x 512: 83k span tokens for 25k real ones).
+        batch["span_groups"] = [self._span_inputs(batch["input_ids"], first[:, None] + start[:, g : g + per],
+                                                  size[:, g : g + per])
+                                for g in range(0, start.shape[1], per)]
         return batch
 
     def _span_inputs(self, ids: torch.Tensor, start: torch.Tensor, size: torch.Tensor) -> dict:
-        """Each span as its own input: prefix + span tokens + suffix, padded; (B * S, L_span)."""
+        """Each span as its own input: prefix + span tokens + suffix, padded; (B * spans, width)."""
         batch, spans = start.shape
-        # padded to a multiple of 16 tokens: span batches would otherwise bring new tensor shapes every step
-        longest = -(-int(size.max()) // 16) * 16
+        # widths rounded up to a multiple of 8 tokens: span batches would otherwise bring new tensor shapes every step
+        longest = -(-int(size.max()) // 8) * 8
         pre, suf = self._prefix.numel(), self._suffix.numel()
         width = pre + longest + suf
         column = torch.arange(width, device=ids.device)[None, None, :]
@@ -130,8 +143,26 @@ class COSTA(MaskedLM):
             tail = pre + size[..., None] + torch.arange(suf, device=ids.device)[None, None, :]
             out.scatter_(2, tail, self._suffix.expand(batch, spans, -1))
         attention = column < pre + size[..., None] + suf
-        return {"span_input_ids": out.view(batch * spans, width), "span_attention_mask": attention.view(batch * spans, width).long(),
-                "span_token_mask": inside.view(batch * spans, width)}
+        return {"input_ids": out.view(batch * spans, width), "attention_mask": attention.view(batch * spans, width).long(),
+                "token_mask": inside.view(batch * spans, width)}
+
+    def _pooled_spans(self, group: dict, text_tokens: int) -> torch.Tensor:
+        """Mean of each span's token states, (spans, D); a chunk at a time under activation checkpointing when
+        training, so that only the pooled vectors are kept (the spans hold about twice the text's tokens)."""
+        ids, attention, inside = group["input_ids"], group["attention_mask"], group["token_mask"]
+        if not (self.config.span_checkpointing and torch.is_grad_enabled()):
+            return self._encode_spans(ids, attention, inside)
+        from torch.utils.checkpoint import checkpoint
+
+        rows = max(1, int(self.config.span_chunk * text_tokens) // ids.shape[1])
+        return torch.cat([checkpoint(self._encode_spans, ids[r : r + rows], attention[r : r + rows],
+                                     inside[r : r + rows], use_reentrant=False)
+                          for r in range(0, ids.shape[0], rows)])
+
+    def _encode_spans(self, ids: torch.Tensor, attention: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        hidden = encoder_hidden(self.encoder, ids, attention)
+        mask = inside.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": batch["encoder_mask"].sum(), "span": torch.tensor(float(batch["input_ids"].shape[0]),
@@ -140,15 +171,22 @@ class COSTA(MaskedLM):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
         texts = self.projector(hidden[:, 0])
-        span_hidden = encoder_hidden(self.encoder, batch["span_input_ids"], batch["span_attention_mask"])
-        mask = batch["span_token_mask"].unsqueeze(-1).to(span_hidden.dtype)
-        spans = (span_hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         local = texts.shape[0]
+        # (granularity, text, span) -> (text, granularity, span): each text's spans together, in sampling order
+        text_tokens = batch["input_ids"].numel()
+        groups = [self._pooled_spans(g, text_tokens).view(local, -1, hidden.shape[-1]) for g in batch["span_groups"]]
+        spans = torch.stack(groups, dim=1).flatten(0, 2)
         rank, size = world()
         owner = torch.arange(local, device=texts.device).repeat_interleave(spans.shape[0] // local) + rank * local
         first_text = rank * local
+        docs = batch.get("doc")
         if self.config.cross_process and size > 1:
             spans, owner = gather_with_grad(full_precision(spans)), gather(owner)
+            docs = gather(docs) if docs is not None else None
+        else:
+            first_text = 0
+            owner = owner - rank * local
         loss = group_contrastive_loss_sum(full_precision(texts), full_precision(spans), owner, first_text,
-                                          self.config.temperature, self.config.own_spans_in_denominator)
+                                          self.config.temperature, self.config.own_spans_in_denominator,
+                                          same_document_elsewhere(batch, first_text, docs))
         return {"mlm": self.mlm_loss(hidden, batch), "span": loss}

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from retromae.config import ConfigError
 from retromae.modeling import base_model, mlm_head
-from retromae.objectives.base import full_precision, register
+from retromae.objectives.base import full_precision, masked_lm_loss_sum, max_pooled_logits, register
 from retromae.objectives.retromae import RetroMAE, RetroMAEConfig
 
 
@@ -81,17 +80,16 @@ class DupMAE(RetroMAE):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
-        # The head runs once at every position: the MLM loss reads the masked ones, mu pools the others.
-        logits = full_precision(mlm_head(self.encoder)(hidden))
-        mask = batch["encoder_mask"]
-        mlm = F.cross_entropy(logits[mask], batch["input_ids"][mask], reduction="sum")
-        mu = max_pool_logits(logits, batch["bow_positions"])
-        bow = bag_of_words_loss_sum(mu.log_softmax(-1), batch["bow_targets"])
+        head = mlm_head(self.encoder)
+        # The MLM loss reads the head at the masked positions, mu pools it over the others (the paper's default;
+        # with bow_positions: all, over every position): each computed where it is needed, in bounded blocks.
+        mu = max_pooled_logits(head, hidden, batch["bow_positions"])
         decoded = self.decode(hidden[:, 0], batch)
-        from retromae.objectives.base import masked_lm_loss_sum
-
-        decoder = masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"], batch["decoder_targets"])
-        return {"mlm": mlm, "decoder": decoder, "bow": bow}
+        return {
+            "mlm": self.mlm_loss(hidden, batch),
+            "decoder": masked_lm_loss_sum(head, decoded, batch["input_ids"], batch["decoder_targets"]),
+            "bow": bag_of_words_loss_sum(mu.log_softmax(-1), batch["bow_targets"]),
+        }
 
 
 # ----- the retrieval representation ---------------------------------------------------------------------------
@@ -132,7 +130,7 @@ class DupMAERepresentation(nn.Module):
         dense = full_precision(self.projection(hidden[:, 0]))
         positions = attention_mask.bool().clone()
         positions[:, 0] = False
-        mu = max_pool_logits(full_precision(mlm_head(self.mlm)(hidden)), positions)
+        mu = max_pooled_logits(mlm_head(self.mlm), hidden, positions)
         values, ids = mu.topk(min(self.cfg.topk, mu.shape[-1]), dim=-1)
         if self.cfg.sparse_activation == "relu":
             values = values.clamp(min=0.0)
