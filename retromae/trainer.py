@@ -62,6 +62,7 @@ class TrainConfig:
     report_to: str = "tensorboard"  # tensorboard | none
     find_unused_parameters: bool = False  # DDP option for objectives whose heads are not all used every step
     timeout_minutes: float = 30.0  # how long a process waits for the others in a collective before giving up
+    deterministic: bool = False  # deterministic GPU kernels (slower): makes resumed GPU runs exact, as CPU runs are
 
     def validate(self) -> None:
         if self.mixed_precision not in PRECISIONS:
@@ -102,6 +103,8 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     device_type = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
+    if cfg.deterministic:
+        use_deterministic_kernels()
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs"))
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=False)
     group = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
@@ -121,6 +124,24 @@ def make_accelerator(cfg: TrainConfig):
         logger.info("%d process(es) on %s, precision %s%s", accelerator.num_processes, accelerator.device,
                     "fp32" if precision == "no" else precision, why)
     return accelerator
+
+
+def _fault_point(where: str, step: int) -> None:
+    """Fault injection for the kill-and-resume test: RETROMAE_FAULT=checkpoint:N kills this process (SIGKILL, as a
+    node failure or the OOM killer would) halfway through writing checkpoint N."""
+    if os.environ.get("RETROMAE_FAULT") == f"{where}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def use_deterministic_kernels() -> None:
+    """CUDA backward passes add into shared buffers with atomics, in an order that changes from run to run, so a
+    resumed GPU run drifts from an uninterrupted one by float rounding; deterministic kernels remove that (and some
+    speed). Ops that have no deterministic CUDA kernel are reported, not refused."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -254,6 +275,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
+        _fault_point("checkpoint", self.step)
         if self.position.cursors is not None:  # a streamed corpus: every process has its own place in it
             atomic_write_text(tmp / f"data_position_{acc.process_index}.json", json.dumps(asdict(self.position)))
         acc.wait_for_everyone()

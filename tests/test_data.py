@@ -90,8 +90,11 @@ def test_sentence_split_and_packing():
         "It rains.", "The sun shines!", "Is it 3.5 now? yes.", "Next"]
     sentences = [[1] * 3, [2] * 4, [3] * 2, [4] * 9, [5] * 1]
     blocks = pack_blocks(sentences, budget=6)
-    assert blocks == [[1, 1, 1], [2, 2, 2, 2, 3, 3], [4] * 6, [4] * 3, [5]]
+    assert blocks == [[1, 1, 1], [2, 2, 2, 2, 3, 3], [4] * 6, [4, 4, 4, 5]]
     assert [t for b in blocks for t in b] == [t for s in sentences for t in s], "order and content are kept"
+    # a block less than min_fill full takes the head of the sentence that does not fit
+    assert pack_blocks(sentences, budget=6, min_fill=0.9) == [[1, 1, 1, 2, 2, 2], [2, 3, 3, 4, 4, 4], [4] * 6,
+                                                               [5]]
 
 
 def cut(tokenizer, texts, join=False, **data):

@@ -1,53 +1,127 @@
-"""Two processes (gloo, on the CPU) compute the same losses, gradients and weights as one process holding the
-same global batch: masks are seeded per example and every named loss is a global token mean."""
+"""Two processes (gloo, on the CPU) compute the same losses, gradients and weights as one process holding the same
+global batch, also when each accumulates two micro-batches, and when the two processes are two "machines"
+(`accelerate launch --num_machines 2 --machine_rank ...` on localhost): masks are seeded per example and every
+named loss is a global token mean. And a run killed with SIGKILL, once halfway through a checkpoint and once at a
+random moment, resumes to the weights of an uninterrupted run."""
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
+from conftest import accelerate_launch
+
 PROBE = Path(__file__).resolve().parent / "helpers" / "ddp_probe.py"
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(args: list[str], processes: int, tmp_path: Path) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if processes == 1:
-        command = [sys.executable, str(PROBE), *args]
-    else:
-        # `--cpu --num_processes 2` silently starts one process; --multi_gpu with ACCELERATE_USE_CPU starts two (gloo).
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29517", str(PROBE), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+@pytest.fixture(scope="module")
+def one_process(tiny_model, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    done = subprocess.run([sys.executable, str(PROBE), str(tiny_model), str(corpus_file), str(out), "8"], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return out
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(tiny_model, corpus_file, tmp_path):
-    launch([str(tiny_model), str(corpus_file), str(tmp_path / "one"), "8"], 1, tmp_path)
-    launch([str(tiny_model), str(corpus_file), str(tmp_path / "two"), "4"], 2, tmp_path)
-    one = json.loads((tmp_path / "one" / "record.json").read_text())
-    two = json.loads((tmp_path / "two" / "record.json").read_text())
-    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+def compare(one: Path, two: Path, naive_differs: bool = True) -> None:
+    first = json.loads((one / "record.json").read_text())
+    second = json.loads((two / "record.json").read_text())
+    assert (first["num_processes"], second["num_processes"]) == (1, 2)
     worst_ours, worst_naive = 0.0, 0.0
-    for s1, s2 in zip(one["steps"], two["steps"]):
+    for s1, s2 in zip(first["steps"], second["steps"]):
         assert s2["local_counts"][0] != s2["local_counts"][1], "processes should hold different token counts"
         for name in s1["means"]:
             worst_ours = max(worst_ours, abs(s2["means"][name] - s1["means"][name]))
             worst_naive = max(worst_naive, abs(s2["naive"][name] - s1["means"][name]))
     assert worst_ours < 5e-6, f"2-process global token means differ from 1 process by {worst_ours}"
-    # Averaging per-process means instead would be off by far more than float noise: the test can tell.
-    assert worst_naive > 10 * max(worst_ours, 1e-6), (worst_naive, worst_ours)
-    t1 = safetensors.torch.load_file(str(tmp_path / "one" / "tensors.safetensors"))
-    t2 = safetensors.torch.load_file(str(tmp_path / "two" / "tensors.safetensors"))
+    if naive_differs:  # averaging per-process means instead would be off by far more than float noise
+        assert worst_naive > 10 * max(worst_ours, 1e-6), (worst_naive, worst_ours)
+    t1 = safetensors.torch.load_file(str(one / "tensors.safetensors"))
+    t2 = safetensors.torch.load_file(str(two / "tensors.safetensors"))
     assert t1.keys() == t2.keys() and any(k.startswith("grad.") for k in t1)
     for k in t1:
         # Gradients to float tolerance. Weights after 3 AdamW steps at lr 2e-2 (each moves up to 6e-2): Adam divides
         # by sqrt(v), which turns float noise in near-zero gradients into ~1e-5 differences; 2e-4 is 0.3% of a move.
         atol = 1e-5 if k.startswith("grad.") else 2e-4
         assert torch.allclose(t1[k], t2[k], atol=atol, rtol=1e-4), f"{k}: max diff {(t1[k] - t2[k]).abs().max()}"
+
+
+@pytest.mark.slow
+def test_two_processes_accumulating_two_micro_batches_equal_one(one_process, tiny_model, corpus_file, tmp_path):
+    """1 process x 8 texts x 1 micro-batch == 2 processes x 2 texts x 2 micro-batches."""
+    done = accelerate_launch([str(PROBE), str(tiny_model), str(corpus_file), str(tmp_path / "two"), "2", "2"],
+                             port=29517, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    compare(one_process, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_machines_equal_one_process(one_process, tiny_model, corpus_file, tmp_path):
+    """The README's multi-node launch, as 2 machines x 1 process on localhost."""
+    machines = []
+    for rank in range(2):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", "29527",
+                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE),
+                   str(tiny_model), str(corpus_file), str(tmp_path / "nodes"), "4"]
+        machines.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         cwd=tmp_path))
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert all(m.returncode == 0 for m in machines), [o[1][-3000:] for o in outputs]
+    compare(one_process, tmp_path / "nodes")
+
+
+def pretrain(tiny_model, corpus_file, out: Path, port: int, *extra: str, fault: str | None = None, popen=False):
+    args = ["-m", "retromae", "pretrain", str(Path(__file__).resolve().parents[1] / "pretrain" /
+                                             "retromae_nfcorpus_small.yaml"),
+            f"model.name_or_path={tiny_model}", f"data.corpus=[{corpus_file}]", "data.max_len=64",
+            f"data.cache_dir={out.parent / 'cache'}", "model.dropout=0.1", "train.per_device_batch_size=4",
+            "train.max_steps=30", "train.save_steps=5", "train.save_total_limit=8", "train.logging_steps=1",
+            f"train.output_dir={out}", *extra]
+    env = {**ENV, **({"RETROMAE_FAULT": fault} if fault else {})}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), *args]
+    if popen:
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_model, corpus_file, tmp_path):
+    straight = pretrain(tiny_model, corpus_file, tmp_path / "straight", 29531)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    out = tmp_path / "killed"
+    # 1. SIGKILL halfway through writing checkpoint 10 (the state is saved, nothing renamed yet)
+    first = pretrain(tiny_model, corpus_file, out, 29532, fault="checkpoint:10")
+    assert first.returncode != 0 and (out / "checkpoints" / ".checkpoint-10.tmp").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-10").exists()
+    # 2. resumed from checkpoint 5, then SIGKILL (the launcher and both processes) at a random moment after
+    #    checkpoint 15, well before the end
+    run = pretrain(tiny_model, corpus_file, out, 29533, "train.resume=latest", popen=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "checkpoint-15").is_dir() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    assert not (out / "model").exists(), "the run was killed before its end"
+    # 3. resumed to the end
+    last = pretrain(tiny_model, corpus_file, out, 29534, "train.resume=latest")
+    assert last.returncode == 0, last.stderr[-4000:]
+    a = safetensors.torch.load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: the resumed run's weights differ"
+    assert not list(out.rglob(".*.tmp")), "the killed runs' debris is gone"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from retromae.masking import maskable_positions, word_index
+from retromae.masking import word_index
 from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
 from retromae.objectives import build_objective_config, objective_class
 from retromae.objectives.retromae import decoder_visibility
@@ -77,11 +77,53 @@ def test_hidden_columns_are_whole_words_at_the_decoder_ratio(batch):
     assert 0.45 < share < 0.55
 
 
-def test_decoder_targets_every_ordinary_token(batch, retromae):
-    objective, _ = retromae
-    expected = maskable_positions(batch["input_ids"], batch["attention_mask"], objective.tables)
+def test_decoder_targets_every_ordinary_token_by_hand(batch, retromae):
+    """The decoder predicts every real token but [CLS]/[SEP] (and padding), each against the original token: the
+    targets and the summed loss, written out by hand from the token lists."""
+    objective, tokenizer = retromae
+    specials = set(tokenizer.all_special_ids)
+    rows = zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+    expected = torch.tensor([[bool(a) and t not in specials for t, a in zip(ids, mask)] for ids, mask in rows])
     assert torch.equal(batch["decoder_targets"], expected)
     assert objective.num_items(batch)["decoder"].item() == expected.sum().item()
+    with torch.no_grad():
+        hidden = objective.encode(batch)
+        decoded = objective.decode(hidden[:, 0], batch)
+        head = objective.encoder.cls
+        by_hand = 0.0
+        for b, j in expected.nonzero().tolist():
+            log_probs = torch.log_softmax(head(decoded[b, j][None])[0].double(), -1)
+            by_hand -= log_probs[batch["input_ids"][b, j]].item()
+        assert objective(batch)["decoder"].item() == pytest.approx(by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("name, loss, setting", [("retromae", "decoder", "decoder_loss_weight"),
+                                                 ("dupmae", "bow", "bow_weight"),
+                                                 ("costa", "span", "span_weight")])
+def test_each_loss_weight_scales_its_gradient(tiny_model, docstrings, tmp_path, name, loss, setting):
+    """The trainer's gradient is sum_k w_k grad(L_k): with w = 0 the loss adds nothing, with w = 2 its part doubles."""
+    from retromae.trainer import TrainConfig, Trainer, make_accelerator
+
+    grads = {}
+    for weight in (0.0, 1.0, 2.0):
+        objective, tokenizer = make_objective(tiny_model, name, **{setting: weight})
+        objective.train()
+        micro = make_batch(tokenizer, [d["text"] for d in docstrings[:8]])
+        trainer = Trainer(objective, None, TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to="none",
+                                                       mixed_precision="no", cpu=True),
+                          make_accelerator(TrainConfig(output_dir=str(tmp_path), report_to="none", cpu=True,
+                                                       mixed_precision="no")))
+        trainer.accumulate_gradients(trainer.prepare_batches([micro]))
+        grads[weight] = torch.cat([p.grad.flatten() for p in trainer.objective.parameters() if p.grad is not None])
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # (not the BoW decoder's contrast: an untrained decoder's log-distributions are all near -log V, so their cosine
+    # similarities are all near 1 and the contrast's gradient is at float rounding, ~1e-7)
+    part = grads[1.0] - grads[0.0]
+    scale = part.abs().max()
+    assert scale > 1e-5, f"the {loss} loss reaches the parameters"
+    assert ((grads[2.0] - grads[0.0]) - 2 * part).abs().max() <= 1e-3 * scale
 
 
 def test_decoder_sees_h_but_never_the_token_it_predicts(retromae, batch):

@@ -33,15 +33,17 @@ def test_retromae_loss_goes_down_and_is_logged(tiny_model, corpus_file, tmp_path
     assert len(logged) == 6 and logged[-1] == pytest.approx(last["loss/decoder"], rel=1e-6)
 
 
-def test_exact_resume_gives_the_same_weights(tiny_model, corpus_file, tmp_path):
+@pytest.mark.parametrize("data", [{}, {"num_workers": 2}, {"streaming": True, "num_workers": 2, "shuffle_chunk": 60}],
+                         ids=["cached", "cached-workers", "streamed-workers"])
+def test_exact_resume_gives_the_same_weights(tiny_model, corpus_file, tmp_path, data):
     common = {"max_steps": 6, "save_steps": 3, "save_total_limit": 3}
-    straight = tiny_config(tiny_model, corpus_file, tmp_path / "a", model={"dropout": 0.1}, train=common)
+    straight = tiny_config(tiny_model, corpus_file, tmp_path / "a", model={"dropout": 0.1}, train=common, data=data)
     run_a = run(straight)
     interrupted = tiny_config(tiny_model, corpus_file, tmp_path / "b", model={"dropout": 0.1},
-                              train={**common, "stop_at_step": 3})
+                              train={**common, "stop_at_step": 3}, data=data)
     assert run(interrupted)["model_dir"] is None, "a stopped run does not export"
     resumed = tiny_config(tiny_model, corpus_file, tmp_path / "b", model={"dropout": 0.1},
-                          train={**common, "resume": "latest"})
+                          train={**common, "resume": "latest"}, data=data)
     run_b = run(resumed)
     a, b = weights(tmp_path / "a" / "checkpoints" / "checkpoint-6"), weights(tmp_path / "b" / "checkpoints" / "checkpoint-6")
     assert a.keys() == b.keys()

@@ -38,6 +38,7 @@ class DataConfig:
     document_field: str | None = None  # with join_rows: the JSON / HF field whose change starts a new document
     cut: str = "passage"  # passage: one example per text, truncated | packed: consecutive sentences up to max_len | document: whole documents (objectives that cut spans)
     max_len: int = 256  # tokens per example, special tokens included (document: tokens per document, none added)
+    pack_min_fill: float = 0.9  # packed: a block less full than this takes the head of the next sentence
     min_tokens: int = 1  # drop examples with fewer ordinary tokens than this
     streaming: bool = False  # tokenize on the fly (in DataLoader workers) instead of building the example cache first
     shuffle_chunk: int = 2000  # streaming: rows read, tokenized and shuffled together
@@ -57,6 +58,8 @@ class DataConfig:
         if self.document_field and not self.join_rows:
             raise ConfigError("data.document_field needs data.join_rows (it says where joined rows change document)",
                               key="document_field")
+        if not 0 <= self.pack_min_fill <= 1:
+            raise ConfigError("data.pack_min_fill must be in [0, 1]", key="pack_min_fill")
         for key in ("num_proc", "shard_mb", "shuffle_chunk"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1", key=key)
@@ -85,30 +88,37 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip()]
 
 
-def pack_blocks(sentences: list[list[int]], budget: int) -> list[list[int]]:
-    """Greedily pack consecutive sentences (token ids) into blocks of at most `budget` tokens.
-
-    A sentence longer than the budget is cut into budget-sized pieces; blocks never span documents.
-    """
-    packer = _Packer(budget)
+def pack_blocks(sentences: list[list[int]], budget: int, min_fill: float = 0.0) -> list[list[int]]:
+    """Greedily pack consecutive sentences (token ids) into blocks of at most `budget` tokens (see `_Packer`)."""
+    packer = _Packer(budget, min_fill)
     blocks = [b for s in sentences for b in packer.add(s)]
     return blocks + packer.flush()
 
 
 class _Packer:
-    """Greedy packing that can be fed a document's sentences a chunk at a time."""
+    """Greedy packing of a document's sentences, fed a chunk at a time.
 
-    def __init__(self, budget: int):
-        self.budget, self.current = budget, []
+    A sentence that does not fit the current block starts the next one, unless the block is less than `min_fill`
+    full: then the block takes the sentence's head and the rest starts the next block (real text has run-on
+    "sentences" of hundreds of tokens, which would otherwise close blocks half empty). A sentence longer than a
+    block is cut into block-sized pieces. Blocks never span documents.
+    """
+
+    def __init__(self, budget: int, min_fill: float = 0.0):
+        self.budget, self.min_fill, self.current = budget, min_fill, []
 
     def add(self, sentence: list[int]) -> list[list[int]]:
         done = []
-        if len(sentence) > self.budget:
-            done = self.flush()
-            return done + [sentence[i : i + self.budget] for i in range(0, len(sentence), self.budget)]
-        if len(self.current) + len(sentence) > self.budget:
-            done = self.flush()
-        self.current = self.current + sentence
+        while sentence:
+            room = self.budget - len(self.current)
+            if len(sentence) <= room:
+                self.current = self.current + sentence
+                break
+            if self.current and len(self.current) >= self.min_fill * self.budget:
+                done += self.flush()  # the sentence starts the next block
+                continue
+            self.current, sentence = self.current + sentence[:room], sentence[room:]
+            done += self.flush()
         return done
 
     def flush(self) -> list[list[int]]:
@@ -194,7 +204,7 @@ class _CutState:
 
     def __init__(self, builder: ExampleBuilder):
         self.b = builder
-        self.packer, self.doc = _Packer(builder.budget), None
+        self.packer, self.doc = _Packer(builder.budget, builder.cfg.pack_min_fill), None
         self.sentences: list[list[int]] = []  # cut: document, the current document's sentences
 
     def cut(self, chunk: list[tuple[str, int]], final: bool) -> Iterator[Example]:
@@ -275,7 +285,7 @@ def store_fingerprint(cfg: DataConfig, tokenizer) -> str:
         "fields": [cfg.format, cfg.text_field, cfg.title_field, cfg.title_separator, cfg.tsv_text_column,
                    cfg.tsv_title_column, cfg.skip_empty, cfg.hf_config, cfg.hf_split, cfg.join_rows,
                    cfg.document_field],
-        "cut": [cfg.cut, cfg.max_len, cfg.min_tokens, cfg.shard_mb],
+        "cut": [cfg.cut, cfg.max_len, cfg.min_tokens, cfg.shard_mb, cfg.pack_min_fill],
         "tokenizer": tokenizer_signature(tokenizer),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]

@@ -1,7 +1,8 @@
-"""Run under 1 or 2 processes: one RetroMAE training step's losses and gradients, then 3 steps' weights.
+"""Run under 1 or 2 processes (on one or two "machines"): one RetroMAE training step's losses and gradients, then
+3 steps' weights, with ACCUMULATION micro-batches per step.
 
 Written by the main process to OUT (safetensors for tensors, JSON for numbers). Used by test_multiprocess.py.
-Usage: [accelerate launch ...] python ddp_probe.py MODEL_DIR CORPUS OUT_DIR PER_DEVICE_BATCH
+Usage: [accelerate launch ...] python ddp_probe.py MODEL_DIR CORPUS OUT_DIR PER_DEVICE_BATCH [ACCUMULATION]
 """
 
 import json
@@ -18,9 +19,10 @@ from retromae.pretrain import build_batches, build_objective  # noqa: E402
 from retromae.trainer import Trainer, make_accelerator  # noqa: E402
 
 
-def main(model_dir: str, corpus: str, out: str, per_device: int) -> None:
+def main(model_dir: str, corpus: str, out: str, per_device: int, accumulation: int = 1) -> None:
     cfg = tiny_config(model_dir, corpus, out, model={"dropout": 0.0},
-                      train={"per_device_batch_size": per_device, "max_steps": 3, "lr": 2e-2, "warmup_ratio": 0.0})
+                      train={"per_device_batch_size": per_device, "max_steps": 3, "lr": 2e-2, "warmup_ratio": 0.0,
+                             "gradient_accumulation_steps": accumulation})
     accelerator = make_accelerator(cfg.train)
     torch.manual_seed(0)
     objective, tokenizer = build_objective(cfg)
@@ -29,14 +31,15 @@ def main(model_dir: str, corpus: str, out: str, per_device: int) -> None:
     stream = batches.iterate(trainer.position)
     record = {"num_processes": accelerator.num_processes, "steps": []}
     for step in range(3):
-        batch, _ = next(stream)
-        prepared = trainer.prepare_batches([batch])
+        prepared = trainer.prepare_batches([next(stream)[0] for _ in range(accumulation)])
         sums, counts = trainer.accumulate_gradients(prepared)
-        local_counts = objective.num_items(prepared[0])
+        items = [objective.num_items(b) for b in prepared]
+        local_counts = {n: sum(i[n] for i in items) for n in items[0]}
         global_sums = accelerator.reduce(torch.stack([sums[n] for n in sums]), reduction="sum")
         means = {n: (global_sums[i] / counts[n]).item() for i, n in enumerate(sums)}
-        # What averaging per-process means would give instead of the global token mean:
-        local_means = torch.stack([sums[n] / local_counts[n] for n in sums])
+        # What averaging per-process (and per-micro-batch) means would give instead of the global token mean:
+        local_means = torch.stack([sums[n] / local_counts[n] for n in sums]) if accumulation == 1 else torch.stack(
+            [sum(objective(b)[n] / items[j][n] for j, b in enumerate(prepared)).detach() / accumulation for n in sums])
         naive = accelerator.reduce(local_means, reduction="mean")
         record["steps"].append({
             "means": means,
@@ -56,4 +59,4 @@ def main(model_dir: str, corpus: str, out: str, per_device: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
