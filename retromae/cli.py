@@ -164,7 +164,10 @@ def _evaluate(args) -> None:
         if args.split:
             suite.split = args.split
         _, table = run_suite(args.model, suite, args.output)
-        print("\n" + table)
+        from retromae.distributed import process_state
+
+        if process_state().is_main_process:
+            print("\n" + table)
         return
     search = SearchConfig(**search_overrides)
     result = evaluate_model(args.model, args.dataset, args.split, _encode_config(args), search, args.run, args.output)
@@ -178,17 +181,14 @@ def _encode(args) -> None:
     from pathlib import Path
 
     from retromae.distributed import process_state
-    from retromae.retrieval.data import load_dataset, read_beir_corpus
+    from retromae.retrieval.collection import load_collection
     from retromae.retrieval.encoder import TextEncoder, encode_shard
 
     state = process_state()
     path = Path(args.corpus)
-    if path.is_file():
-        corpus = read_beir_corpus(path)
-        ids = list(corpus)
-        texts = [f"{d['title']}{args.title_separator}{d['text']}" if d["title"] else d["text"] for d in corpus.values()]
-    else:
-        ids, texts = load_dataset(args.corpus, None, args.title_separator).passages(args.title_separator)
+    if path.is_dir():
+        path = path / "collection.tsv" if (path / "collection.tsv").is_file() else path / "corpus.jsonl"
+    ids, texts = load_collection(path, "msmarco" if path.suffix == ".tsv" else "beir").passages(args.title_separator)
     encoder = TextEncoder(args.model, _encode_config(args), device=state.device)
     shard = encode_shard(encoder, ids, texts, args.output, state.process_index, state.num_processes,
                          show_progress=state.is_main_process)

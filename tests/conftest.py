@@ -58,6 +58,18 @@ def beir_task(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def st_model(tmp_path_factory, tiny_model):
+    """The tiny BERT exported as a sentence-transformers folder with mean pooling and normalisation."""
+    from sentence_transformers import SentenceTransformer, models
+
+    path = tmp_path_factory.mktemp("st") / "tiny-st"
+    transformer = models.Transformer(str(tiny_model), max_seq_length=64)
+    SentenceTransformer(modules=[transformer, models.Pooling(32, pooling_mode="mean"), models.Normalize()],
+                        device="cpu").save(str(path))
+    return path
+
+
 def accelerate_launch(args: list[str], processes: int = 2, port: int = 29500, cwd=None, timeout: int = 600,
                       extra: list[str] = ()):
     """`accelerate launch --multi_gpu --num_processes N ...` on the CPU (gloo), as a user runs it; the result of

@@ -2,6 +2,8 @@
 
 import json
 import math
+
+import numpy as np
 import os
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import torch
 from conftest import BEIR
 from retromae.data.corpus import CorpusError
 from retromae.demo import docstring_corpus, split_first_sentence, write_retrieval_task
-from retromae.finetune.data import Group, TrainingData, load_training_data, sample_group
+from retromae.finetune.data import load_training_data, sample_group
 from retromae.finetune.model import BiEncoder, LossConfig
 
 PROBE = Path(__file__).resolve().parent / "helpers" / "finetune_probe.py"
@@ -90,11 +92,13 @@ def test_distillation_kl_equals_a_hand_computation():
 def test_group_sampling():
     import random
 
-    g = Group("q", "query", ["p1", "p2"], ["n1", "n2", "n3", "n4"])
-    chosen = sample_group(g, 4, random.Random(0))
-    assert chosen[0] in g.positives and len(set(chosen[1:])) == 3 and set(chosen[1:]) <= set(g.negatives)
-    assert sample_group(Group("q", "x", ["p"], []), 4, random.Random(0)) == ["p"], "no negatives: in-batch only"
-    assert len(sample_group(Group("q", "x", ["p"], ["n"]), 4, random.Random(0))) == 4
+    import numpy as np
+
+    positives, negatives = np.array([1, 2]), np.array([10, 11, 12, 13])
+    chosen = sample_group(positives, negatives, 4, random.Random(0))
+    assert chosen[0] in positives and len(set(chosen[1:])) == 3 and set(chosen[1:]) <= set(negatives)
+    assert sample_group(np.array([5]), np.array([], int), 4, random.Random(0)) == [5], "no negatives: in-batch only"
+    assert len(sample_group(np.array([5]), np.array([7]), 4, random.Random(0))) == 4
 
 
 def launch(args, processes, tmp_path, port):
@@ -156,13 +160,13 @@ def test_mining_never_returns_a_positive(tiny_model, beir_task, tmp_path):
                              EncodeConfig(passage_max_len=48, precision="no"), MineConfig(depth=20, skip_top=2))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     data = load_training_data(str(folder), "beir", "train")
-    assert len(rows) == len(data.groups) == summary["queries"], "every training query is mined"
+    assert len(rows) == len(data) == summary["queries"], "every training query is mined"
     for row in rows:
         assert row["negative_ids"] and not set(row["negative_ids"]) & set(row["positive_ids"])
         assert len(row["negative_ids"]) == 20
     # the mined file trains as is, against the folder's corpus
     mined = load_training_data(str(out), "auto", corpus=str(folder))
-    assert len(mined.groups) == len(rows) and mined.groups[0].negatives
+    assert len(mined) == len(rows) and len(mined.negatives.row(0)) == 20
 
 
 @pytest.mark.parametrize("line, message", [
@@ -228,10 +232,12 @@ def test_hugging_face_dataset_and_teacher_scores(tmp_path, tevatron_file):
     folder.mkdir()
     (folder / "train.jsonl").write_text(tevatron_file.read_text())
     data = load_training_data(str(folder), "hf", "train")
-    assert len(data.groups) == 96 and len(data.groups[0].negatives) == 3
+    assert len(data) == 96 and len(data.negatives.row(0)) == 3
     scores = tmp_path / "teacher.tsv"
     scores.write_text("q1\td1\t3.5\nq1\td2\t-1\n")
-    assert read_teacher_scores(str(scores)) == {("q1", "d1"): 3.5, ("q1", "d2"): -1.0}
+    teacher = read_teacher_scores(str(scores))
+    found = teacher.lookup(["q1", "q1", "q2"], ["d1", "d2", "d1"])
+    assert found[:2].tolist() == [3.5, -1.0] and np.isnan(found[2])
     scores.write_text("q1\td1\t3.5\nq1\td2\n")
     with pytest.raises(CorpusError, match=r"teacher\.tsv:2: expected"):
         read_teacher_scores(str(scores))

@@ -101,7 +101,11 @@ def lines_with_offsets(path: str, start: int = 0, end: int | None = None, first_
 def json_records(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
     """(line number, object) of a JSON-lines file, blank lines skipped; a line that is not a JSON object or lacks
     a `required` field is an error naming the file and line."""
-    rows = []
+    return list(iter_json_records(path, required))
+
+
+def iter_json_records(path: str | Path, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+    """`json_records` one line at a time (for files too large to hold)."""
     for number, line in _lines(str(path)):
         if not line.strip():
             continue
@@ -114,8 +118,7 @@ def json_records(path: str | Path, required: tuple[str, ...] = ()) -> list[tuple
         for key in required:
             if key not in record:
                 raise CorpusError(f"{path}:{number}: no '{key}' field (fields: {', '.join(record) or 'none'})")
-        rows.append((number, record))
-    return rows
+        yield number, record
 
 
 # A reader yields rows: (text, document key). A text of None is a document boundary (a blank line in a plain-text

@@ -1,26 +1,30 @@
 """`retromae mine`: hard negatives for every training query, from a given model's dense retrieval.
 
 Every query with a positive is searched (not only those that have a BM25 list, a pitfall users report); the
-positives are dropped, and so is an optional top band of the ranking (`skip_top`), a guard against unjudged
-positives (false negatives) that sit at the very top. The result is a training file in our mined format
-({query_id, query, positive_ids, negative_ids} per line), resolved against the corpus at training time.
+positives are dropped, and so are the passage whose id is the query's and an optional top band of the ranking
+(`skip_top`), a guard against unjudged positives (false negatives) that sit at the very top. The result is a
+training file in our mined format ({query_id, query, positive_ids, negative_ids} per line), resolved against the
+corpus at training time.
+
+Spread over the processes of a launch as evaluation is (`retromae.retrieval.evaluate`): each process encodes its
+share of the corpus and of the queries, searches every query against its corpus shard, then merges the shards'
+results for its share of the queries and writes those lines; the main process joins the parts in order. No
+process waits while another searches 500k queries alone.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from retromae.data.corpus import CorpusError
-from retromae.io import atomic_write_text
-from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards
-from retromae.retrieval.index import DenseIndex
+import numpy as np
 
-logger = logging.getLogger(__name__)
+from retromae.data.corpus import CorpusError
+from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards, shard_range
+from retromae.retrieval.search import merge_top_k
 
 
 @dataclass
@@ -29,51 +33,93 @@ class MineConfig:
     skip_top: int = 0  # ranks skipped after removing positives (false-negative guard), e.g. 3
     index: str = "Flat"  # faiss factory string
     title_separator: str = " "  # between a passage's title and text
+    backend: str = "auto"  # search backend: auto | faiss | torch (see retrieval/search.py)
 
 
 def mine_negatives(model: str, data: str, output: str, split: str = "train", encode: EncodeConfig | None = None,
                    cfg: MineConfig | None = None) -> dict:
-    """Search `depth + skip_top + |positives|` passages for every training query of `data` (a BEIR folder with a
+    """Search `depth + skip_top + |positives| + 1` passages for every training query of `data` (a BEIR folder with a
     qrels split, or an MS MARCO folder with queries.train.tsv / qrels.train.tsv) and write the mined file."""
     from retromae.distributed import process_state
     from retromae.finetune.data import load_training_data
+    from retromae.retrieval.evaluate import SearchConfig, _shared_work_dir, shard_search
 
     cfg = cfg or MineConfig()
     state = process_state()
+    rank, world = state.process_index, state.num_processes
     training = load_training_data(data, split=split, title_separator=cfg.title_separator)
-    if training.corpus is None:
+    corpus = training.passages
+    if "corpus" not in corpus.sources:
         raise CorpusError(f"{data}: mining needs a corpus of passages with ids (a BEIR or MS MARCO folder)")
     encoder = TextEncoder(model, encode or EncodeConfig(), device=state.device)
-    ids, texts = list(training.corpus), list(training.corpus.values())
-    work = Path(tempfile.mkdtemp(prefix="retromae-mine-")) if state.num_processes == 1 else None
-    if work is None:
-        from retromae.retrieval.evaluate import _shared_work_dir
-
-        work = _shared_work_dir(state)
+    work = Path(tempfile.mkdtemp(prefix="retromae-mine-")) if world == 1 else _shared_work_dir(state)
     try:
-        encode_shard(encoder, ids, texts, work, state.process_index, state.num_processes,
-                     show_progress=state.is_main_process)
+        ids, texts = corpus.passages(cfg.title_separator)
+        shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
+        encode_shard(encoder, training.query_ids, training.queries, work / "queries", rank, world, kind="query",
+                     show_progress=False)
+        state.wait_for_everyone()
+        queries = np.concatenate([v for _, v in read_shards(work / "queries")])
+        widest = int(np.diff(training.positives.offsets).max())
+        depth = cfg.depth + cfg.skip_top + widest + 1  # + 1: the query's own passage, where there is one
+        lo, _ = shard_range(len(corpus), rank, world)
+        search = SearchConfig(index=cfg.index, backend=cfg.backend)
+        scores, positions = shard_search(queries, shard, lo, depth, search, encoder.device)
+        np.save(work / f".scores-{rank}.npy", scores)
+        np.save(work / f".positions-{rank}.npy", positions)
+        state.wait_for_everyone()
+        kept = _write_share(training, work, rank, world, depth, cfg)
         state.wait_for_everyone()
         summary = {}
         if state.is_main_process:
-            index = DenseIndex(encoder.dimension, cfg.index)
-            for shard_ids, vectors in read_shards(work):
-                index.add(vectors, shard_ids)
-            groups = training.groups
-            queries = encoder.encode([g.query for g in groups], "query", show_progress=True)
-            widest = max(len(g.positives) for g in groups)
-            _, hits = index.search(queries, cfg.depth + cfg.skip_top + widest)
-            lines, kept = [], []
-            for g, row in zip(groups, hits):
-                positives = set(g.positives)
-                negatives = [d for d in row if d not in positives][cfg.skip_top : cfg.skip_top + cfg.depth]
-                kept.append(len(negatives))
-                lines.append(json.dumps({"query_id": g.query_id, "query": g.query, "positive_ids": g.positives,
-                                         "negative_ids": negatives}) + "\n")
-            atomic_write_text(output, "".join(lines))
-            summary = {"queries": len(groups), "negatives_per_query": sum(kept) / len(kept), "output": output}
+            _join_parts(work, world, output)
+            counts = [int(x) for r in range(world) for x in (work / f".kept-{r}.txt").read_text().split()]
+            summary = {"queries": len(training), "negatives_per_query": sum(counts) / max(1, len(counts)),
+                       "output": output}
         state.wait_for_everyone()
         return summary
     finally:
         if state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_share(training, work: Path, rank: int, world: int, depth: int, cfg: MineConfig) -> list[int]:
+    """Merge the shards' results for this process's share of the queries and write its lines."""
+    qlo, qhi = shard_range(len(training), rank, world)
+    parts = [(np.load(work / f".scores-{r}.npy", mmap_mode="r")[qlo:qhi],
+              np.load(work / f".positions-{r}.npy", mmap_mode="r")[qlo:qhi]) for r in range(world)]
+    _, positions = merge_top_k([s for s, _ in parts], [p for _, p in parts], depth)
+    corpus = training.passages
+    own = corpus.positions(training.query_ids[qlo:qhi])  # a passage whose id is the query's is no negative
+    lines, kept, chosen_rows = [], [], []
+    for row, q in zip(positions, range(qlo, qhi)):
+        positives = training.positives.row(q)
+        drop = np.isin(row, positives) | (row == own[q - qlo]) | (row < 0)
+        chosen_rows.append(row[~drop][cfg.skip_top : cfg.skip_top + cfg.depth])
+    flat = np.concatenate(chosen_rows) if chosen_rows else np.zeros(0, np.int64)
+    names = iter(corpus.ids_at(flat))
+    for q, chosen in zip(range(qlo, qhi), chosen_rows):
+        negatives = [next(names) for _ in chosen]
+        kept.append(len(negatives))
+        lines.append(json.dumps({"query_id": training.query_ids[q], "query": training.queries[q],
+                                 "positive_ids": corpus.ids_at(training.positives.row(q)),
+                                 "negative_ids": negatives}) + "\n")
+    (work / f".mined-{rank}.jsonl").write_text("".join(lines), encoding="utf-8")
+    (work / f".kept-{rank}.txt").write_text(" ".join(map(str, kept)))
+    return kept
+
+
+def _join_parts(work: Path, world: int, output: str) -> None:
+    """The processes' parts, in order, into `output` (written under a temporary name, then renamed)."""
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as sink:
+        for r in range(world):
+            with open(work / f".mined-{r}.jsonl", "rb") as part:
+                shutil.copyfileobj(part, sink)
+    from retromae.io import follow_umask
+
+    follow_umask(tmp)
+    tmp.replace(out)
+

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from retromae.config import ConfigError
 from retromae.distributed import gather, gather_with_grad, world
+from retromae.objectives.base import full_precision
 from retromae.retrieval.encoder import pool
 
 
@@ -115,7 +116,10 @@ class BiEncoder(nn.Module):
         return (~torch.isnan(scores) | ~valid).all(-1) & valid.any(-1)
 
     def scores(self, queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
-        return queries @ passages.T / self.cfg.temperature
+        """Query-passage scores in fp32, autocast or not: in bf16 a dot product of 128-256 (tau = 1, CLS) keeps
+        8 bits of mantissa, i.e. is rounded to a whole number, and the softmax over those is coarse."""
+        with torch.autocast(queries.device.type, enabled=False):
+            return full_precision(queries) @ full_precision(passages).T / self.cfg.temperature
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         queries = self.encode_queries(batch)

@@ -15,7 +15,7 @@ import torch
 
 from retromae.config import ConfigError, apply_overrides, build, load_yaml, to_dict
 from retromae.data.batches import StoreBatches
-from retromae.finetune.data import FORMATS, GroupBatch, load_training_data, read_teacher_scores
+from retromae.finetune.data import FORMATS, GroupBatch, check_teacher_coverage, load_training_data, read_teacher_scores
 from retromae.finetune.model import BiEncoder, LossConfig
 from retromae.modeling import ModelConfig, resolve_model_path
 from retromae.runs import claim_output_dir
@@ -31,6 +31,7 @@ class FinetuneDataConfig:
     split: str = "train"  # qrels split (BEIR) or dataset split (hf)
     corpus: str | None = None  # passages of a mined file (BEIR folder, corpus.jsonl or collection.tsv)
     negatives: str | None = None  # hard negatives: a mined file (BEIR), qidpidtriples or train_negs (MS MARCO)
+    negatives_per_query: int = 30  # qidpidtriples: negatives kept per query (a uniform sample, read in a stream)
     teacher_scores: str | None = None  # qid<TAB>pid<TAB>score of a cross-encoder, for distillation
     group_size: int = 8  # passages per query in a batch: 1 positive + group_size - 1 negatives
     query_max_len: int = 32  # tokens per query
@@ -44,7 +45,9 @@ class FinetuneDataConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r} is not one of {', '.join(FORMATS)}")
         if self.group_size < 1:
-            raise ConfigError("data.group_size must be >= 1")
+            raise ConfigError("data.group_size must be >= 1", key="group_size")
+        if self.negatives_per_query < 1:
+            raise ConfigError("data.negatives_per_query must be >= 1", key="negatives_per_query")
 
 
 @dataclass
@@ -121,15 +124,20 @@ def build_batches(cfg: FinetuneConfig, tokenizer, accelerator):
     d = cfg.data
     if not d.train:
         raise ConfigError("data.train is empty: give the training data (a folder or a file)")
-    data = load_training_data(d.train, d.format, d.split, d.corpus, d.negatives, d.title_separator)
-    if not data.groups:
+    data = load_training_data(d.train, d.format, d.split, d.corpus, d.negatives, d.title_separator,
+                              d.negatives_per_query, cfg.train.seed)
+    if not len(data):
         raise ConfigError(f"{d.train}: no training query with a positive passage")
-    teacher = read_teacher_scores(d.teacher_scores) if d.teacher_scores else None
+    teacher = None
+    if d.teacher_scores:
+        teacher = read_teacher_scores(d.teacher_scores)
+        check_teacher_coverage(data, teacher, d.teacher_scores)
     make_batch = GroupBatch(data, tokenizer, d.group_size, d.query_max_len, d.passage_max_len, cfg.train.seed,
-                            d.query_prefix, d.passage_prefix, teacher)
-    with_negatives = sum(1 for g in data.groups if g.negatives)
-    logger.info("%d training queries (%d with hard negatives) from %s", len(data.groups), with_negatives, data.source)
-    return StoreBatches(data.groups, cfg.train.per_device_batch_size, accelerator.num_processes,
+                            d.query_prefix, d.passage_prefix, teacher, d.title_separator)
+    if accelerator.is_main_process:
+        logger.info("%d training queries (%d with hard negatives) from %s", len(data), data.with_negatives(),
+                    data.source)
+    return StoreBatches(data, cfg.train.per_device_batch_size, accelerator.num_processes,
                         accelerator.process_index, cfg.train.seed, num_workers=d.num_workers, make_batch=make_batch)
 
 

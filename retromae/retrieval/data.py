@@ -1,16 +1,22 @@
 """Retrieval collections: BEIR folders (local or on the Hugging Face hub) and MS MARCO passage TSVs.
 
-Read by hand, line by line, so that a malformed line, a qrel pointing to an unknown id or an empty query set
-is reported with its file and line; BEIR's `GenericDataLoader` reads the same layout but names neither.
+Read by hand, line by line, so that a malformed line, a qrel pointing to an unknown query or an empty query set
+is reported with its file and line; BEIR's `GenericDataLoader` reads the same layout but names neither. The corpus
+is a memory-mapped `retromae.retrieval.collection.Collection` (MS MARCO's 8.8M passages would be ~6 GB of Python
+objects per process); queries and judgements are small and stay dictionaries.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retromae.data.corpus import CorpusError, _lines, json_records, not_found
+from retromae.retrieval.collection import Collection, load_collection
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,31 +24,17 @@ class RetrievalData:
     """A corpus, a query set and its judgements."""
 
     name: str
-    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
+    corpus: Collection  # ids, titles, texts (memory-mapped)
     queries: dict[str, str]  # query id -> text
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
     sources: dict[str, str] = field(default_factory=dict)  # what was read from where
     split: str = "test"  # the qrels split
     kind: str = "beir"  # beir | msmarco: which collection's conventions apply (e.g. the identical-id rule)
 
-    def passages(self, title_separator: str = " ") -> tuple[list[str], list[str]]:
-        """(doc ids, texts), the text being title + separator + text when there is a title."""
-        ids = list(self.corpus)
-        texts = []
-        for doc in self.corpus.values():
-            title = (doc.get("title") or "").strip()
-            texts.append(f"{title}{title_separator}{doc['text']}" if title else doc["text"])
-        return ids, texts
-
-
-def read_beir_corpus(path: Path) -> dict[str, dict[str, str]]:
-    corpus = {}
-    for number, record in json_records(path, ("_id", "text")):
-        doc_id = str(record["_id"])
-        if doc_id in corpus:
-            raise CorpusError(f"{path}:{number}: document id {doc_id!r} appears twice")
-        corpus[doc_id] = {"title": str(record.get("title") or ""), "text": str(record["text"] or "")}
-    return corpus
+    def passages(self, title_separator: str = " "):
+        """(doc ids, texts), the text being title + separator + text when there is a title; sequences read from
+        the memory-mapped collection as they are indexed."""
+        return self.corpus.passages(title_separator)
 
 
 def read_beir_queries(path: Path) -> dict[str, str]:
@@ -96,16 +88,23 @@ def read_trec_qrels(path: Path) -> list[tuple[int, str, str, int]]:
     return rows
 
 
-def build_qrels(rows, path: Path, corpus: dict, queries: dict) -> dict[str, dict[str, int]]:
+def build_qrels(rows, path: Path, corpus: Collection, queries: dict) -> dict[str, dict[str, int]]:
+    """Judgements by query. A query missing from the query file stops with its line; a document missing from the
+    corpus is kept, with a warning (ArguAna's qrels name such documents; BEIR and pytrec_eval keep them: they
+    can only lower recall)."""
     qrels: dict[str, dict[str, int]] = {}
     for number, qid, doc_id, grade in rows:
         if qid not in queries:
             raise CorpusError(f"{path}:{number}: query id {qid!r} is not in the query file")
-        if doc_id not in corpus:
-            raise CorpusError(f"{path}:{number}: document id {doc_id!r} is not in the corpus")
         qrels.setdefault(qid, {})[doc_id] = grade
     if not qrels:
         raise CorpusError(f"{path}: no judgements, so there is no query to evaluate")
+    judged = [(qid, doc) for qid, docs in qrels.items() for doc in docs]
+    missing = int((corpus.positions([d for _, d in judged]) < 0).sum())
+    if missing:
+        example = next(d for d, p in zip((d for _, d in judged), corpus.positions([d for _, d in judged])) if p < 0)
+        logger.warning("%s: %d of %d judgements name documents that are not in the corpus (e.g. %r); kept, as BEIR "
+                       "and trec_eval keep them (they can only lower recall)", path, missing, len(judged), example)
     return qrels
 
 
@@ -119,7 +118,7 @@ def load_beir_folder(folder: str | Path, split: str = "test") -> RetrievalData:
             if path == qrels_path and (folder / "qrels").is_dir():
                 hint = f" (splits here: {', '.join(sorted(p.stem for p in (folder / 'qrels').glob('*.tsv')))})"
             raise CorpusError(f"{path}: file not found{hint}")
-    corpus = read_beir_corpus(corpus_path)
+    corpus = load_collection(corpus_path, "beir")
     queries = read_beir_queries(queries_path)
     qrels = build_qrels(read_qrels_tsv(qrels_path), qrels_path, corpus, queries)
     queries = {qid: queries[qid] for qid in qrels}
@@ -151,12 +150,7 @@ def load_msmarco_folder(folder: str | Path, split: str = "dev.small", title_sepa
     for path in (collection, queries_path, qrels_path):
         if not path.is_file():
             raise CorpusError(f"{path}: file not found")
-    texts = _read_id_text_tsv(collection, "passage")
-    titles = {}
-    title_file = folder / "para.title.tsv"
-    if title_separator is not None and title_file.is_file():
-        titles = {pid: t for pid, t in _read_id_text_tsv(title_file, "title").items() if t and t != "-"}
-    corpus = {pid: {"title": titles.get(pid, ""), "text": text} for pid, text in texts.items()}
+    corpus = load_collection(collection, "msmarco")
     queries = _read_id_text_tsv(queries_path, "query")
     if not queries:
         raise CorpusError(f"{queries_path}: no queries")
@@ -178,7 +172,11 @@ def load_beir_hub(name: str, split: str = "test") -> RetrievalData:
         qrel_rows = datasets.load_dataset(f"{base}-qrels", split=split)
     except Exception as err:  # hub client errors come in many types; all mean "not available"
         raise CorpusError(f"{base}: cannot load from the Hugging Face hub ({err})") from err
-    corpus = {str(r["_id"]): {"title": r.get("title") or "", "text": r["text"] or ""} for r in corpus_rows}
+    import pyarrow as pa
+
+    corpus = Collection(pa.table({"id": [str(i) for i in corpus_rows["_id"]],
+                                  "title": [t or "" for t in corpus_rows["title"]],
+                                  "text": [t or "" for t in corpus_rows["text"]]}), {"hub": base})
     queries = {str(r["_id"]): r["text"] for r in query_rows}
     rows = [(i + 1, str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for i, r in enumerate(qrel_rows)]
     qrels = build_qrels(rows, Path(f"{base}-qrels/{split}"), corpus, queries)

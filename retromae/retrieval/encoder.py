@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -204,6 +204,23 @@ class TextEncoder:
         return out
 
 
+class Window(Sequence):
+    """texts[lo:hi] without copying them out: the encoder reads it a chunk at a time (a lazily read collection
+    stays on disk)."""
+
+    def __init__(self, texts: Sequence[str], lo: int, hi: int):
+        self.texts, self.lo, self.hi = texts, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            return self.texts[self.lo + start : self.lo + stop][::step]
+        return self.texts[self.lo + (item if item >= 0 else item + len(self))]
+
+
 def shard_range(n: int, process_index: int, num_processes: int) -> tuple[int, int]:
     return n * process_index // num_processes, n * (process_index + 1) // num_processes
 
@@ -219,7 +236,7 @@ def encode_shard(encoder: TextEncoder, ids: list[str], texts: list[str], out_dir
     stem = f"shard-{process_index:05d}-of-{num_processes:05d}"
     tmp = out_dir / f".{stem}.tmp.npy"
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(hi - lo, encoder.dimension))
-    encoder.encode(texts[lo:hi], kind, show_progress=show_progress, out=array)
+    encoder.encode(Window(texts, lo, hi), kind, show_progress=show_progress, out=array)
     array.flush()
     del array
     shard_ids = ids[lo:hi]

@@ -1,7 +1,9 @@
-"""`retromae evaluate`: encode a corpus, index it with FAISS, search, score; one dataset or a suite of them.
+"""`retromae evaluate`: encode a corpus, search it, score; one dataset or a suite of them.
 
-Under `accelerate launch` with several processes, every process encodes a contiguous share of the corpus into
-a memory-mapped shard; the main process then indexes the shards, encodes the queries, searches and scores.
+Under `accelerate launch` every process encodes a contiguous share of the corpus and of the queries into
+memory-mapped shards, searches all the queries against its own corpus shard (`retromae.retrieval.search`), and
+the main process merges the shards' top-k into the exact top-k of the whole corpus and scores it. DupMAE's joint
+representation is encoded and searched the same way, shard by shard.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from retromae.config import ConfigError, build, load_yaml
 from retromae.data.corpus import CorpusError
 from retromae.io import atomic_write_text
 from retromae.retrieval.data import RetrievalData, load_dataset, write_trec_run
-from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards
-from retromae.retrieval.index import DenseIndex, run_from_hits
+from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards, shard_range
 from retromae.retrieval.metrics import DEFAULT_METRICS, evaluate, parse_metric
+from retromae.retrieval.search import merge_top_k, search_shard
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +35,20 @@ class SearchConfig:
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))  # e.g. ndcg@10, recall@100, mrr@10
     depth: int = 0  # documents retrieved per query (0: the largest cut-off of the metrics, at least 100)
     index: str = "Flat"  # faiss factory string; Flat = exact inner product
-    use_gpu: str = "auto"  # auto | true | false: put the index on all GPUs (needs faiss with GPU support)
-    ignore_identical_ids: bool = True  # BEIR's rule: drop documents whose id equals the query id
+    backend: str = "auto"  # auto | faiss | torch (exact search on GPUs without faiss-gpu; see retrieval/search.py)
+    use_gpu: str = "auto"  # auto | true | false: faiss indexes on GPUs (needs faiss with GPU support)
+    nprobe: int = 32  # IVF indexes: inverted lists searched per query
+    ignore_identical_ids: bool | None = None  # drop documents whose id equals the query id; null: BEIR yes, MS MARCO no
     title_separator: str = " "  # between a document's title and text (" [SEP] " for MS MARCO recipes)
     representation: str = "dense"  # dense | dupmae ([W h ; top-k mu], dense dot + sparse dot)
     hybrid_search: str = "exact"  # dupmae only: exact (sparse matrix product) | pooled (FAISS pool, re-scored)
     candidate_pool: int = 1000  # dupmae pooled search: dense candidates re-scored per query
+
+    def validate(self) -> None:
+        if self.backend not in ("auto", "faiss", "torch"):
+            raise ConfigError(f"backend={self.backend!r} must be auto, faiss or torch", key="backend")
+        if self.nprobe < 1:
+            raise ConfigError("nprobe must be >= 1", key="nprobe")
 
     def retrieval_depth(self) -> int:
         if self.depth > 0:
@@ -44,57 +56,97 @@ class SearchConfig:
         cuts = [k for _, k in map(parse_metric, self.metrics) if k]
         return max([100, *cuts])
 
-
-def encode_corpus(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work_dir: Path, state) -> None:
-    ids, texts = data.passages(search.title_separator)
-    encode_shard(encoder, ids, texts, work_dir, state.process_index, state.num_processes,
-                 show_progress=state.is_main_process)
-
-
-def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, shards_dir: Path) -> tuple[dict, bool]:
-    """Index the corpus shards, encode the queries, search; (run, whether the index ran on GPUs)."""
-    index = DenseIndex(encoder.dimension, search.index, _gpu_setting(search.use_gpu))
-    for ids, vectors in read_shards(shards_dir):
-        index.add(vectors, ids)
-    query_ids = list(data.queries)
-    queries = encoder.encode([data.queries[q] for q in query_ids], "query", show_progress=False)
-    scores, hits = index.search(queries, _search_depth(search))
-    return run_from_hits(query_ids, scores, hits), index.on_gpu
-
-
-def hybrid_run(encoder, data: RetrievalData, search: SearchConfig) -> dict:
-    """DupMAE's joint representation: exact (sparse product) or pooled (FAISS candidates re-scored) search."""
-    from retromae.retrieval.hybrid import exact_search, pooled_search
-
-    ids, texts = data.passages(search.title_separator)
-    docs = encoder.encode(texts, "passage")
-    query_ids = list(data.queries)
-    queries = encoder.encode([data.queries[q] for q in query_ids], "query")
-    if search.hybrid_search == "pooled":
-        scores, positions = pooled_search(queries, docs, _search_depth(search), search.candidate_pool, search.index,
-                                          _gpu_setting(search.use_gpu))
-    else:
-        scores, positions = exact_search(queries, docs, _search_depth(search))
-    return run_from_hits(query_ids, scores, [[ids[p] for p in row] for row in positions])
-
-
-def _search_depth(search: SearchConfig) -> int:
-    # one more when identical ids are dropped, so that every query keeps `depth` documents
-    return search.retrieval_depth() + int(search.ignore_identical_ids)
-
-
-def score_run(run: dict, data: RetrievalData, search: SearchConfig, run_file: str | None = None) -> tuple[dict, dict]:
-    """Cut the run to its depth (after BEIR's identical-id rule), write it if asked, score it."""
-    depth = search.retrieval_depth()
-    run = {q: dict([(d, s) for d, s in docs.items() if not (search.ignore_identical_ids and d == q)][:depth])
-           for q, docs in run.items()}
-    if run_file:
-        write_trec_run(run_file, run)
-    return evaluate(data.qrels, run, search.metrics, search.ignore_identical_ids)
+    def drops_identical_ids(self, data: RetrievalData) -> bool:
+        """BEIR's rule (it matters for ArguAna and Quora); MS MARCO's official evaluation does not apply it."""
+        if self.ignore_identical_ids is not None:
+            return self.ignore_identical_ids
+        return data.kind != "msmarco"
 
 
 def _gpu_setting(value: str):
     return {"auto": "auto", "true": True, "false": False}.get(str(value).lower(), "auto")
+
+
+def shard_search(queries: np.ndarray, shard: Path, first: int, k: int, search: SearchConfig, device) -> tuple:
+    """This process's corpus shard searched for every query: (scores, global positions)."""
+    vectors = np.load(shard, mmap_mode="r")
+    scores, positions = search_shard(queries, vectors, k, search.index, search.backend, _gpu_setting(search.use_gpu),
+                                     search.nprobe, device)
+    return scores, np.where(positions >= 0, positions + first, -1)
+
+
+def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work: Path, state,
+              depth: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """Encode, search and merge (see the module docstring); (query ids, scores, positions) on the main process."""
+    rank, world = state.process_index, state.num_processes
+    ids, texts = data.passages(search.title_separator)
+    query_ids = list(data.queries)
+    shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
+    encode_shard(encoder, query_ids, [data.queries[q] for q in query_ids], work / "queries", rank, world,
+                 kind="query", show_progress=False)
+    state.wait_for_everyone()
+    queries = np.concatenate([v for _, v in read_shards(work / "queries")])
+    lo, _ = shard_range(len(ids), rank, world)
+    scores, positions = shard_search(queries, shard, lo, depth, search, encoder.device)
+    return _gather_results(query_ids, scores, positions, depth, work, state)
+
+
+def hybrid_run(encoder, data: RetrievalData, search: SearchConfig, work: Path, state,
+               depth: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """DupMAE's joint representation, shard by shard: exact (sparse product) or pooled search of this process's
+    share of the corpus against every query, merged as the dense path is."""
+    from retromae.retrieval.hybrid import exact_search, pooled_search
+
+    rank, world = state.process_index, state.num_processes
+    _, texts = data.passages(search.title_separator)
+    lo, hi = shard_range(len(texts), rank, world)
+    docs = encoder.encode(texts[lo:hi], "passage")
+    query_ids = list(data.queries)
+    queries = encoder.encode([data.queries[q] for q in query_ids], "query")
+    if hi == lo:
+        scores, positions = np.zeros((len(query_ids), 0), np.float32), np.zeros((len(query_ids), 0), np.int64)
+    elif search.hybrid_search == "pooled":
+        scores, positions = pooled_search(queries, docs, depth, search.candidate_pool, search.index,
+                                          _gpu_setting(search.use_gpu))
+    else:
+        scores, positions = exact_search(queries, docs, depth)
+    return _gather_results(query_ids, scores, positions + lo, depth, work, state)
+
+
+def _gather_results(query_ids, scores, positions, depth, work: Path, state):
+    """Every process's shard results, merged into the top `depth` on the main process (None elsewhere)."""
+    if state.num_processes == 1:
+        return query_ids, *merge_top_k([scores], [positions], depth)
+    results = work / "results"
+    results.mkdir(exist_ok=True)
+    np.save(results / f".scores-{state.process_index}.npy", scores)
+    np.save(results / f".positions-{state.process_index}.npy", positions)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    parts = [(np.load(results / f".scores-{r}.npy"), np.load(results / f".positions-{r}.npy"))
+             for r in range(state.num_processes)]
+    return query_ids, *merge_top_k([s for s, _ in parts], [p for _, p in parts], depth)
+
+
+def _to_run(data: RetrievalData, query_ids: list[str], scores: np.ndarray, positions: np.ndarray) -> dict:
+    """{query id: {doc id: score}}, the document ids read in one take from the collection."""
+    flat = positions[positions >= 0]
+    names = iter(data.corpus.ids_at(flat))
+    run = {}
+    for qid, row_scores, row in zip(query_ids, scores, positions):
+        run[qid] = {next(names): float(s) for s, p in zip(row_scores, row) if p >= 0}
+    return run
+
+
+def score_run(run: dict, data: RetrievalData, search: SearchConfig, run_file: str | None = None) -> tuple[dict, dict]:
+    """Cut the run to its depth (after the identical-id rule where it applies), write it if asked, score it."""
+    depth = search.retrieval_depth()
+    drop = search.drops_identical_ids(data)
+    run = {q: dict([(d, s) for d, s in docs.items() if not (drop and d == q)][:depth]) for q, docs in run.items()}
+    if run_file:
+        write_trec_run(run_file, run)
+    return evaluate(data.qrels, run, search.metrics, drop)
 
 
 def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None = None,
@@ -103,39 +155,37 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     """Evaluate `model` on `dataset` (a local BEIR / MS MARCO folder, a hub name, or loaded data).
 
     Returns (and writes to `output` as JSON) the mean metrics at the top level, with the settings used, on the
-    main process (None on the others). Under `accelerate launch` the corpus is encoded in shards by every
-    process (dense representations; DupMAE's joint one is encoded by the main process alone).
+    main process (None on the others). Under `accelerate launch` the corpus is encoded and searched in shards by
+    every process (see the module docstring).
     """
     from retromae.distributed import process_state
 
     state = process_state()
     search = search or SearchConfig()
+    search.validate()
     encode_cfg = encode_cfg or EncodeConfig()
     data = dataset if isinstance(dataset, RetrievalData) else load_dataset(dataset, split, search.title_separator)
     started = time.perf_counter()
+    # one more when identical ids are dropped, so that every query keeps `depth` documents
+    depth = search.retrieval_depth() + int(search.drops_identical_ids(data))
     settings = {**asdict(encode_cfg), **asdict(search), "depth": search.retrieval_depth(),
-                "num_processes": state.num_processes}
-    if search.representation == "dupmae":
-        if not state.is_main_process:
-            return None
-        from retromae.retrieval.hybrid import HybridEncoder
-
-        run = hybrid_run(encoder or HybridEncoder(model, encode_cfg, device=state.device), data, search)
-    else:
-        encoder = encoder or TextEncoder(model, encode_cfg, device=state.device)
-        work = Path(tempfile.mkdtemp(prefix="retromae-shards-")) if state.num_processes == 1 else _shared_work_dir(state)
-        try:
-            encode_corpus(encoder, data, search, work, state)
-            state.wait_for_everyone()
-            if state.is_main_process:
-                run, on_gpu = dense_run(encoder, data, search, work)
-                settings.update(encoder.settings(), index_on_gpu=on_gpu)
-            state.wait_for_everyone()
-        finally:
-            if state.is_main_process:
-                shutil.rmtree(work, ignore_errors=True)
-        if not state.is_main_process:
-            return None
+                "ignore_identical_ids": search.drops_identical_ids(data), "num_processes": state.num_processes}
+    work = Path(tempfile.mkdtemp(prefix="retromae-eval-")) if state.num_processes == 1 else _shared_work_dir(state)
+    try:
+        encoder = encoder or make_encoder(model, encode_cfg, search, state.device)
+        if search.representation == "dupmae":
+            found = hybrid_run(encoder, data, search, work, state, depth)
+            settings.update(asdict(encoder.cfg))
+        else:
+            found = dense_run(encoder, data, search, work, state, depth)
+            settings.update(encoder.settings())
+        state.wait_for_everyone()
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+    if not state.is_main_process:
+        return None
+    run = _to_run(data, *found)
     means, per_query = score_run(run, data, search, run_file)
     result = {**means, "dataset": data.name, "split": data.split, "model": model, "num_queries": len(per_query),
               "num_documents": len(data.corpus), "seconds": round(time.perf_counter() - started, 1),
@@ -146,10 +196,14 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
 
 
 def _shared_work_dir(state) -> Path:
-    """One temporary folder that every process of the launch writes its shard into (same machine)."""
+    """One temporary folder that every process of the launch writes its shards into: in the system's temporary
+    folder, or under $RETROMAE_WORK (several machines need a folder they all see)."""
+    import os
+
     import torch.distributed as dist
 
-    name = [tempfile.mkdtemp(prefix="retromae-shards-") if state.is_main_process else None]
+    name = [tempfile.mkdtemp(prefix="retromae-shards-", dir=os.environ.get("RETROMAE_WORK"))
+            if state.is_main_process else None]
     dist.broadcast_object_list(name, src=0)
     return Path(name[0])
 
@@ -185,18 +239,29 @@ def load_suite(path: str, overrides: dict | None = None) -> SuiteConfig:
     return build(SuiteConfig, data, source=path, lines=lines)
 
 
+def make_encoder(model: str, encode: EncodeConfig, search: SearchConfig, device):
+    if search.representation == "dupmae":
+        from retromae.retrieval.hybrid import HybridEncoder
+
+        return HybridEncoder(model, encode, device=device)
+    return TextEncoder(model, encode, device=device)
+
+
 def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tuple[list[dict], str]:
     """Evaluate every dataset of the suite found locally; skip (with a message) what is not there."""
+    from retromae.distributed import process_state
+
     root = Path(suite.data_root)
     rows, notes = [], []
-    encoder = None
+    encoder, main = None, process_state().is_main_process
+    say = (lambda text: print(text, flush=True)) if main else (lambda text: None)  # noqa: E731
     entries = [(name, [root / name]) for name in suite.datasets]
     entries += [(name, [root / name / part for part in parts]) for name, parts in suite.groups.items()]
     for name, folders in entries:
         missing = [f for f in folders if not f.is_dir()]
         if missing:
             notes.append(f"skipped {name}: not found at {missing[0]} (put the BEIR folder there, or set data_root)")
-            print(notes[-1], flush=True)
+            say(notes[-1])
             continue
         results = []
         for folder in folders:
@@ -204,16 +269,17 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
                 data = load_dataset(str(folder), suite.split, suite.search.title_separator)
             except CorpusError as err:
                 notes.append(f"skipped {name}: {err}")
-                print(notes[-1], flush=True)
+                say(notes[-1])
                 results = None
                 break
-            encoder = encoder or TextEncoder(model, suite.encode)
+            # built once for the suite, on this process's device (under a launch: cuda:<local rank>, not cuda:0)
+            encoder = encoder or make_encoder(model, suite.encode, suite.search, process_state().device)
             results.append(evaluate_model(model, data, suite.split, suite.encode, suite.search, encoder=encoder))
         if not results or results[0] is None:  # non-main processes get None
             continue
         row = {"dataset": name, **{m: statistics.mean(r[m] for r in results) for m in suite.search.metrics}}
         rows.append(row)
-        print(f"{name}: " + "  ".join(f"{m} {row[m]:.4f}" for m in suite.search.metrics), flush=True)
+        say(f"{name}: " + "  ".join(f"{m} {row[m]:.4f}" for m in suite.search.metrics))
     table = f"### {suite.name}: {model}\n\n" + format_table(rows, suite.search.metrics)
     if rows:
         mean_row = {"dataset": f"**average ({len(rows)} of {len(entries)})**",
@@ -221,7 +287,7 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
         table += format_table([mean_row], suite.search.metrics).split("\n", 2)[2]
     if notes:
         table += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    if output:
+    if output and main:
         atomic_write_text(output, table)
     return rows, table
 

@@ -30,49 +30,98 @@ def faiss_gpus() -> int:
 
 
 class DenseIndex:
-    """Vectors with string ids, searched by inner product.
+    """Vectors (with string ids, or just positions), searched by inner product.
 
     factory: a faiss index factory string ("Flat" = exact `IndexFlatIP`; "IVF4096,Flat", "HNSW32", "IVF4096,PQ64"
-    ... for approximate search; trained on the first vectors added). use_gpu: "auto" moves the index to all
-    GPUs (sharded, fp16 storage) when faiss has GPU support, and stays on the CPU otherwise.
+    ... for approximate search). Vectors are added to a CPU index; an index that needs training (IVF, PQ) is
+    trained, at the first search, on a seeded random sample of everything added (not on the first rows, which
+    may all come from one part of the corpus); IVF searches `nprobe` lists. use_gpu: "auto" clones the finished
+    index, once, to all GPUs (sharded, fp16 storage) when faiss has GPU support: adding to the clone is what breaks
+    (faiss's sharded multi-GPU Flat accepts a single add). HNSW stays on the CPU (faiss has no GPU HNSW).
+    `cloner` (tests) replaces faiss's multi-GPU cloner.
     """
 
-    def __init__(self, dimension: int, factory: str = "Flat", use_gpu: str | bool = "auto", fp16: bool = True):
+    def __init__(self, dimension: int, factory: str = "Flat", use_gpu: str | bool = "auto", fp16: bool = True,
+                 nprobe: int = 32, seed: int = 0, cloner=None):
         faiss = _faiss()
 
-        self.dimension, self.factory, self.fp16 = dimension, factory, fp16
+        self.dimension, self.factory, self.fp16, self.nprobe, self.seed = dimension, factory, fp16, nprobe, seed
         self.cpu_index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-        self.ids: list[str] = []
+        self.ids: list[str] | None = []
+        self.pending: list[np.ndarray] = []
+        self.size = 0
         gpus = faiss_gpus()
         self.on_gpu = bool(gpus) if use_gpu == "auto" else bool(use_gpu)
-        if self.on_gpu and not gpus:
+        if self.on_gpu and not gpus and cloner is None:
             raise RuntimeError("use_gpu=True but this faiss has no GPU support (pip install faiss-gpu-cu12)")
+        if self.on_gpu and "HNSW" in factory:
+            logger.info("index %s: faiss has no GPU HNSW; it stays on the CPU", factory)
+            self.on_gpu = False
+        self.cloner = cloner
         self.index = None
 
-    def _live(self):
-        """The index searches run on: the CPU index, or its clone sharded over all GPUs."""
-        if self.index is None:
-            if self.on_gpu:
-                import faiss
+    def add(self, vectors: np.ndarray, ids: list[str] | None = None) -> None:
+        """Queue `vectors` (kept by reference: a memory-mapped shard stays on disk until the index is built)."""
+        if ids is not None and len(vectors) != len(ids):
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+        if self.index is not None:
+            raise RuntimeError("the index has been built (searched); add everything before the first search")
+        if ids is None:
+            self.ids = None
+        elif self.ids is not None:
+            self.ids.extend(ids)
+        self.pending.append(vectors)
+        self.size += len(vectors)
 
+    def _build(self):
+        """Train on a sample of everything added, add it all to the CPU index, then clone to GPUs once."""
+        faiss = _faiss()
+        if not self.cpu_index.is_trained:
+            self._check_trainable(self.size)
+            self.cpu_index.train(self._sample())
+        for vectors in self.pending:
+            for start in range(0, len(vectors), 262144):
+                self.cpu_index.add(np.ascontiguousarray(vectors[start : start + 262144], dtype=np.float32))
+        self.pending = []
+        index = self.cpu_index
+        if self.on_gpu:
+            options = None
+            if hasattr(faiss, "GpuMultipleClonerOptions"):
                 options = faiss.GpuMultipleClonerOptions()
                 options.shard, options.useFloat16 = True, self.fp16
-                self.index = faiss.index_cpu_to_all_gpus(self.cpu_index, options)
-            else:
-                self.index = self.cpu_index
-        return self.index
+            index = (self.cloner or faiss.index_cpu_to_all_gpus)(self.cpu_index, options)
+        self._set_nprobe(index)
+        self.index = index
 
-    def add(self, vectors: np.ndarray, ids: list[str], batch: int = 262144) -> None:
-        if len(vectors) != len(ids):
-            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
-        if not self.cpu_index.is_trained:
-            sample = np.ascontiguousarray(vectors[: max(256 * 39, 100000)], dtype=np.float32)
-            self._check_trainable(len(sample))
-            self.cpu_index.train(sample)
-        index = self._live()
-        for start in range(0, len(vectors), batch):
-            index.add(np.ascontiguousarray(vectors[start : start + batch], dtype=np.float32))
-        self.ids.extend(ids)
+    def _sample(self) -> np.ndarray:
+        """A seeded random sample of the added vectors, enough for the index's training (faiss uses 256 per
+        centroid at most)."""
+        faiss = _faiss()
+        try:
+            wanted = 256 * faiss.extract_index_ivf(self.cpu_index).nlist
+        except RuntimeError:
+            wanted = 100_000
+        chosen = np.sort(np.random.default_rng(self.seed).permutation(self.size)[: min(self.size, wanted)])
+        offsets = np.cumsum([0] + [len(v) for v in self.pending])
+        parts = []
+        for i, vectors in enumerate(self.pending):
+            local = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
+            parts.append(np.asarray(vectors[local], dtype=np.float32))
+        return np.ascontiguousarray(np.concatenate(parts))
+
+    def _set_nprobe(self, index) -> None:
+        faiss = _faiss()
+        try:
+            faiss.extract_index_ivf(self.cpu_index)
+        except RuntimeError:
+            return  # not an IVF index
+        space = faiss.GpuParameterSpace() if self.on_gpu and hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+        space.set_index_parameter(index, "nprobe", self.nprobe)
+
+    def _live(self):
+        if self.index is None:
+            self._build()
+        return self.index
 
     def _check_trainable(self, n: int) -> None:
         """An IVF index needs at least one training vector per cluster (faiss asks for 39): say so in one line,
@@ -91,11 +140,11 @@ class DenseIndex:
                               f"(faiss advises {39 * clusters}), and this corpus has {n}; use {better}")
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.size
 
-    def search(self, queries: np.ndarray, k: int, batch: int = 1024) -> tuple[np.ndarray, list[list[str]]]:
-        """(scores (Q, k'), ids) with k' = min(k, size); rows are sorted by score, best first."""
-        k = min(k, len(self.ids))
+    def search_positions(self, queries: np.ndarray, k: int, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k'), positions (Q, k')) with k' = min(k, size); rows sorted by score, best first."""
+        k = min(k, self.size)
         index = self._live()
         all_scores, all_positions = [], []
         for start in range(0, len(queries), batch):
@@ -104,17 +153,24 @@ class DenseIndex:
             all_positions.append(positions)
         scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), np.float32)
         positions = np.concatenate(all_positions) if all_positions else np.zeros((0, k), np.int64)
-        ids = [[self.ids[p] for p in row if p >= 0] for row in positions]
-        return scores, ids
+        return scores, positions
+
+    def search(self, queries: np.ndarray, k: int, batch: int = 1024) -> tuple[np.ndarray, list[list[str]]]:
+        """(scores (Q, k'), ids) with k' = min(k, size); rows are sorted by score, best first."""
+        scores, positions = self.search_positions(queries, k, batch)
+        ids = self.ids if self.ids is not None else [str(i) for i in range(self.size)]
+        return scores, [[ids[p] for p in row if p >= 0] for row in positions]
 
     def save(self, folder: str | Path) -> None:
         """index.faiss (a CPU index) and ids.txt, written atomically."""
         import faiss
 
-        cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu and self.index is not None else self.cpu_index
+        self._live()
+        cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.cpu_index
+        ids = self.ids if self.ids is not None else [str(i) for i in range(self.size)]
         with atomic_directory(folder) as tmp:
             faiss.write_index(cpu, str(tmp / "index.faiss"))
-            atomic_write_text(tmp / "ids.txt", "".join(i + "\n" for i in self.ids))
+            atomic_write_text(tmp / "ids.txt", "".join(i + "\n" for i in ids))
             atomic_write_text(tmp / "factory.txt", self.factory + "\n")
 
     @classmethod
@@ -127,6 +183,7 @@ class DenseIndex:
         index = cls(cpu.d, factory, use_gpu, fp16)
         index.cpu_index = cpu
         index.ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
+        index.size = cpu.ntotal
         if len(index.ids) != cpu.ntotal:
             raise ValueError(f"{folder}: {cpu.ntotal} vectors but {len(index.ids)} ids")
         return index
