@@ -56,7 +56,7 @@ def text_batch(tokenizer, batch: int, length: int):
             for i in range(batch)], [ids[i * length * 2 : (i + 1) * length * 2] for i in range(batch)]
 
 
-def child(name: str, batch_size: int, length: int) -> None:
+def child(name: str, batch_size: int, length: int, steps: int = 2) -> None:
     import torch
 
     from retromae.data.batches import collate
@@ -80,16 +80,27 @@ def child(name: str, batch_size: int, length: int) -> None:
         micro = collate(blocks, list(range(batch_size)), 0, 1, tokenizer.pad_token_id, 8)
     if hasattr(objective, "attach_corpus_statistics"):
         objective.attach_corpus_statistics(torch.ones(len(tokenizer), dtype=torch.long), len(tokenizer))
-    cfg = TrainConfig(output_dir="/tmp/unused", max_steps=2, report_to="none", per_device_batch_size=batch_size)
+    cfg = TrainConfig(output_dir="/tmp/unused", max_steps=steps, report_to="none", per_device_batch_size=batch_size)
     accelerator = make_accelerator(cfg)
     trainer = Trainer(objective, None, cfg, accelerator)
+    cuda = accelerator.device.type == "cuda"
     started = time.perf_counter()
-    for _ in range(2):
+    for step in range(steps):
+        if step == 1:  # the first step allocates the optimizer state and warms kernels up
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
         trainer.accumulate_gradients(trainer.prepare_batches([micro]))
         trainer.optimizer_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"objective": name, "peak_mb": peak - before, "seconds": time.perf_counter() - started,
-                      "precision": accelerator.mixed_precision}))
+    if cuda:
+        torch.cuda.synchronize()
+        peak, before = torch.cuda.max_memory_allocated() / 2**20, 0.0
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = time.perf_counter() - started
+    print(json.dumps({"objective": name, "peak_mb": peak - before, "seconds": seconds,
+                      "samples_per_second": batch_size * max(1, steps - 1) / seconds,
+                      "precision": accelerator.mixed_precision, "device": str(accelerator.device)}))
 
 
 def main() -> None:
@@ -97,28 +108,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--objectives", nargs="+", default=None, help="default: every registered objective")
+    parser.add_argument("--steps", type=int, default=2, help="training steps (samples/s over all but the first)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.batch, args.length)
+        child(args.child, args.batch, args.length, args.steps)
         return
     names = args.objectives or all_objectives()
     rows = []
     for name in names:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(args.batch), "--length",
-                               str(args.length)], capture_output=True, text=True)
+                               str(args.length), "--steps", str(args.steps)], capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
             continue
         rows.append(json.loads(lines[-1]))
-        print(f"{name}: peak {rows[-1]['peak_mb'] / 1024:.2f} GB ({rows[-1]['seconds']:.0f} s for 2 steps)", flush=True)
+        print(f"{name}: peak {rows[-1]['peak_mb'] / 1024:.2f} GB, {rows[-1]['samples_per_second']:.2f} samples/s",
+              flush=True)
     mlm = next(r["peak_mb"] for r in rows if r["objective"] == "mlm")
-    print(f"\nBERT-base shape, batch {args.batch} x {args.length}, precision {rows[0]['precision']}, peak memory of a "
-          "training step (weights, gradients, AdamW state, activations):\n")
-    print("| objective | peak GB | / MLM |\n|---|---:|---:|")
+    print(f"\nBERT-base shape, batch {args.batch} x {args.length}, precision {rows[0]['precision']}, on "
+          f"{rows[0]['device']}: peak memory of a training step (weights, gradients, AdamW state, activations):\n")
+    print("| objective | peak GB | / MLM | samples/s |\n|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['objective']} | {r['peak_mb'] / 1024:.2f} | {r['peak_mb'] / mlm:.2f} |")
+        print(f"| {r['objective']} | {r['peak_mb'] / 1024:.2f} | {r['peak_mb'] / mlm:.2f} | "
+              f"{r['samples_per_second']:.2f} |")
     print(f"ratio={max(r['peak_mb'] for r in rows) / mlm:.2f}")
 
 

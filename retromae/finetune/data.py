@@ -104,8 +104,15 @@ class TeacherScores:
         return np.where(found, self.scores[slot] if len(self.keys) else 0.0, np.nan).astype(np.float32)
 
 
-def read_teacher_scores(path: str) -> TeacherScores:
-    queries, passages, scores = [], [], []
+def read_teacher_scores(path: str, block: int = 1_000_000) -> TeacherScores:
+    """Read a block of lines at a time into keys and scores (the id strings of a block are dropped once hashed)."""
+    keys, scores, queries, passages, values = [], [], [], [], []
+
+    def fold():
+        keys.append(pair_keys(queries, passages))
+        scores.append(np.asarray(values, dtype=np.float32))
+        queries.clear(), passages.clear(), values.clear()
+
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -113,12 +120,15 @@ def read_teacher_scores(path: str) -> TeacherScores:
         if len(parts) != 3:
             raise CorpusError(f"{path}:{number}: expected 'qid<TAB>pid<TAB>score'")
         try:
-            scores.append(float(parts[2]))
+            values.append(float(parts[2]))
         except ValueError:
             raise CorpusError(f"{path}:{number}: score {parts[2]!r} is not a number") from None
         queries.append(parts[0].strip())
         passages.append(parts[1].strip())
-    return TeacherScores(pair_keys(queries, passages), np.asarray(scores, dtype=np.float32))
+        if len(values) >= block:
+            fold()
+    fold()
+    return TeacherScores(np.concatenate(keys), np.concatenate(scores))
 
 
 def check_teacher_coverage(data: TrainingData, teacher: TeacherScores, path: str, sample: int = 2000) -> None:
