@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20")
     e = sub.add_parser("evaluate", help="encode, index (FAISS), search and score a model on MS MARCO / BEIR data",
                        formatter_class=defaults)
-    e.add_argument("--model", required=True, help="model folder, hub id, or pkg:MODULE")
+    e.add_argument("--model", required=True, help="model folder, hub id, pkg:MODULE, or bm25 (the lexical baseline)")
     target = e.add_mutually_exclusive_group(required=True)
     target.add_argument("--dataset", help="local BEIR or MS MARCO folder, or a BEIR name on the hub (e.g. nfcorpus)")
     target.add_argument("--suite", help="a suite recipe, e.g. eval/beir13.yaml (datasets found locally)")

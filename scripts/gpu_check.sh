@@ -2,8 +2,11 @@
 # The GPU checks (under 8 minutes): what the CPU cannot show. Run on a lent GPU machine from the repository root,
 # with .gpu/ carried beside the checkout (see docs/gpu.md for how it is built: wheels missing from the GPU image,
 # all-MiniLM-L6-v2 stored in fp16 to fit the transfer limit, the NFCorpus test split). Results go to $OUT.
-# Arguments pick sections (default: all): foundation (masks, pretraining and encoding throughput, nDCG at fp32 and
-# bf16, an end-to-end run), objectives (every objective's throughput), finetune (MiniLM fine-tuned on NFCorpus).
+# Arguments pick sections (default: scale search study, which fit in 8 minutes): foundation (masks, pretraining and
+# encoding throughput, nDCG at fp32 and bf16, an end-to-end run), objectives (every objective's throughput),
+# finetune (MiniLM fine-tuned on NFCorpus), scale (BERT-base shape, 32 x 512, bf16: every objective's peak memory
+# and samples/s, RetroMAE's batch-preparation share at batch 32, deterministic resume), search (the torch search
+# backend against the CPU, queries/s at 1M x 768), study (the short GPU study: MiniLM, local collections).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -20,7 +23,7 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, accelerate, sentence_transformers, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'sentence-transformers', sentence_transformers.__version__, 'datasets', datasets.__version__)"
 mkdir -p .gpu/nfcorpus && gunzip -kf .gpu/nfcorpus/corpus.jsonl.gz
 
-sections=${*:-foundation objectives finetune}
+sections=${*:-scale search study}
 want() { [[ " $sections " == *" $1 "* ]]; }
 
 if want foundation; then
@@ -61,5 +64,34 @@ timeout 240 python3 -m retromae finetune finetune/nfcorpus_small.yaml model.name
   data.train=.gpu/nfcorpus_mined.jsonl data.corpus=.gpu/nfcorpus dev.dataset=null train.output_dir=/tmp/gpu_ft \
   train.logging_steps=10 2>&1 | tr '\r' '\n' | grep -a "^step\|rror" | tee "$OUT/finetune_run.txt"
 timeout 120 python3 scripts/gpu_checks.py ndcg /tmp/gpu_ft/model .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/finetune_ndcg.txt"
+fi
+if want scale; then
+log "BERT-base shape (random init), 32 x 512, bf16: peak memory and samples/s of every objective"
+timeout 200 python3 scripts/bench_memory.py --batch 32 --length 512 --steps 4 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_memory_gpu.txt"
+log "RetroMAE batch-preparation share at batch 32 (collate in 2 DataLoader workers)"
+timeout 90 python3 scripts/bench_pretrain.py --device cuda --precision bf16 --rounds 2 --steps 5 --batch 32 --model .gpu/minilm 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_pretrain_b32.txt"
+log "resume on CUDA with train.deterministic=true: interrupted at step 3, resumed, the same weights"
+for run in straight stopped resumed; do
+  extra=""; [ $run = stopped ] && extra="train.stop_at_step=3"; [ $run = resumed ] && extra="train.resume=latest"
+  dir=/tmp/gpu_det_$run; [ $run = resumed ] && dir=/tmp/gpu_det_stopped
+  timeout 60 python3 -m retromae pretrain pretrain/demo.yaml model.name_or_path=.gpu/minilm "data.corpus=[.gpu/nfcorpus/corpus.jsonl]" \
+    train.output_dir=$dir train.max_steps=6 train.save_steps=3 train.deterministic=true model.dropout=0.1 $extra > /dev/null 2>&1
+done
+python3 -c "
+import safetensors.torch as s, torch
+a = s.load_file('/tmp/gpu_det_straight/model/model.safetensors'); b = s.load_file('/tmp/gpu_det_stopped/model/model.safetensors')
+print('deterministic resume on CUDA: identical weights:', all(torch.equal(a[k], b[k]) for k in a), 'max diff', max((a[k] - b[k]).abs().max().item() for k in a))" | tee "$OUT/deterministic_resume.txt"
+fi
+
+if want search; then
+log "the torch search backend: NFCorpus GPU fp16 vs CPU fp32, queries/s at 1M x 768"
+timeout 150 python3 scripts/gpu_checks.py search .gpu/minilm .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/search.txt"
+fi
+
+if want study; then
+log "encoding with a warm tokenized-corpus cache vs sentence-transformers, default precisions"
+timeout 100 python3 scripts/bench_encode.py --device cuda --batch-size 128 --rounds 2 --no-compile --model .gpu/minilm --nfcorpus .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_encode_cache.txt"
+log "the short GPU study (MiniLM, continued pretraining on the local corpora, fine-tuning on NFCorpus, local collections)"
+timeout 200 python3 -m retromae study study/gpu_short.yaml output_dir=/tmp/gpu_study data_root=.gpu 2>&1 | tr '\r' '\n' | grep -a "^|\|arm\|rror" | tee "$OUT/study_gpu.txt"
 fi
 log "done"

@@ -13,6 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# caches of collections, token ids and sampled negatives: one fresh folder per test session, not the user's
+os.environ.setdefault("RETROMAE_CACHE", __import__("tempfile").mkdtemp(prefix="retromae-test-cache-"))
 
 from retromae.tiny import make_tiny_model  # noqa: E402
 

@@ -192,3 +192,54 @@ def test_minilm_on_nfcorpus_matches_the_published_score():
                             SearchConfig(metrics=["ndcg@10", "recall@100"]))
     assert abs(result["ndcg@10"] - 0.3143) <= 0.005
     assert abs(result["ndcg@10"] - 0.3159) <= 0.0005
+
+
+def test_bm25_baseline(task, tmp_path):
+    """`--model bm25`: bm25s with Lucene's BM25 (k1 0.9, b 0.4), stop words and English stemming; its run ranks by
+    the BM25 formula (checked by hand on three documents)."""
+    import math
+
+    from retromae.retrieval.bm25 import bm25_search
+
+    docs = ["the cat sat on the mat", "dogs chase cats in gardens", "a completely unrelated text about stars"]
+    scores, positions = bm25_search(docs, ["cats chasing"], 3)
+    assert positions[0][0] == 1, "stemming matches cats/cat and chasing/chase"
+    # Lucene BM25 for doc 1 (terms after stemming: dog chase cat garden; query terms: cat, chase)
+    # indexed lengths: cat sat mat / dog chase cat garden / complet unrel text about star ("about" is no stop word)
+    n, avg = 3, (3 + 4 + 5) / 3
+    idf = lambda df: math.log(1 + (n - df + 0.5) / (df + 0.5))  # noqa: E731
+    tf_part = lambda tf, length: tf / (tf + 0.9 * (1 - 0.4 + 0.4 * length / avg))  # noqa: E731
+    expected = idf(2) * tf_part(1, 4) + idf(1) * tf_part(1, 4)
+    assert scores[0][0] == pytest.approx(expected, rel=1e-4)
+    result = evaluate_model("bm25", str(task), None, None, SearchConfig(metrics=["ndcg@10"]))
+    assert result["settings"]["k1"] == 0.9 and result["settings"]["stemmer"] == "english"
+    assert result["ndcg@10"] > 0.3, "docstring queries share words with their passages"
+
+
+@pytest.mark.skipif(not (BEIR / "nfcorpus").is_dir(), reason="../shared/data/beir is not present")
+def test_bm25_on_nfcorpus_is_close_to_pyserini():
+    result = evaluate_model("bm25", str(BEIR / "nfcorpus"), "test", None, SearchConfig(metrics=["ndcg@10"]))
+    assert result["ndcg@10"] == pytest.approx(0.3218, abs=0.005), "Pyserini's BM25 flat on NFCorpus: 0.3218"
+
+
+def test_a_corpus_is_tokenized_once(task, st_model, monkeypatch):
+    """Encoding a collection twice tokenizes it once: the second time reads the token cache, and gives the same
+    vectors as tokenizing on the fly."""
+    from retromae.retrieval.encoder import Window
+
+    data = load_dataset(str(task))
+    _, texts = data.passages(" ")
+    plain = TextEncoder(str(st_model), EncodeConfig(precision="no", token_cache=False), device="cpu")
+    cached = TextEncoder(str(st_model), EncodeConfig(precision="no"), device="cpu")
+    expected = plain.encode(list(texts), "passage", show_progress=False)
+    first = cached.encode(Window(texts, 0, len(texts)), "passage", show_progress=False)
+    calls = []
+    original = type(cached.tokenizer).__call__
+    monkeypatch.setattr(type(cached.tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or original(
+        self, *a, **k))
+    second = cached.encode(Window(texts, 0, len(texts)), "passage", show_progress=False)
+    assert not calls, "the second encoding did not tokenize"
+    np.testing.assert_allclose(first, expected, atol=1e-5)
+    np.testing.assert_allclose(second, expected, atol=1e-5)
+    part = cached.encode(Window(texts, 50, 120), "passage", show_progress=False)
+    np.testing.assert_allclose(part, expected[50:120], atol=1e-5)

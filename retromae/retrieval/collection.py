@@ -63,6 +63,8 @@ class LazyTexts(Sequence):
 
     def __init__(self, collection: "Collection", separator: str):
         self.collection, self.separator = collection, separator
+        # what identifies these texts for a cache of their tokens (retrieval.token_cache); None: not cacheable
+        self.cache_key = f"{collection.key}|{separator}" if collection.key else None
 
     def __len__(self) -> int:
         return len(self.collection)
@@ -88,8 +90,8 @@ def _join(title: str, text: str, separator: str) -> str:
 class Collection:
     """ids, titles and texts of a corpus, memory-mapped (see the module docstring)."""
 
-    def __init__(self, table, sources: dict[str, str]):
-        self.table, self.sources = table, sources
+    def __init__(self, table, sources: dict[str, str], key: str | None = None):
+        self.table, self.sources, self.key = table, sources, key
         self.ids = table.column("id").to_pylist() if len(table) < 200_000 else _LazyIds(table)
         self._index = None
 
@@ -159,7 +161,7 @@ def load_collection(path: str | Path, kind: str = "beir") -> Collection:
     import pyarrow as pa
 
     table = pa.ipc.open_file(pa.memory_map(str(table_file), "r")).read_all()
-    return Collection(table, {"corpus": str(path)})
+    return Collection(table, {"corpus": str(path)}, key=folder.name)
 
 
 def _rows(path: Path, kind: str) -> Iterator[tuple[int, str, str, str]]:

@@ -24,6 +24,7 @@ from retromae.data.corpus import CorpusError
 from retromae.io import atomic_write_text
 from retromae.retrieval.data import RetrievalData, load_dataset, write_trec_run
 from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards, shard_range
+from retromae.retrieval.bm25 import is_bm25
 from retromae.retrieval.metrics import DEFAULT_METRICS, evaluate, parse_metric
 from retromae.retrieval.search import merge_top_k, search_shard
 
@@ -170,6 +171,17 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     depth = search.retrieval_depth() + int(search.drops_identical_ids(data))
     settings = {**asdict(encode_cfg), **asdict(search), "depth": search.retrieval_depth(),
                 "ignore_identical_ids": search.drops_identical_ids(data), "num_processes": state.num_processes}
+    if is_bm25(model):
+        if not state.is_main_process:
+            return None  # BM25 runs on the main process alone (seconds on BEIR); the others go on
+        from retromae.retrieval.bm25 import BM25Config, bm25_search
+
+        query_ids = list(data.queries)
+        scores, positions = bm25_search(data.passages(search.title_separator)[1],
+                                        [data.queries[q] for q in query_ids], depth)
+        settings = {**asdict(search), "depth": search.retrieval_depth(), "model": "bm25", **asdict(BM25Config()),
+                    "ignore_identical_ids": search.drops_identical_ids(data)}
+        return _finish(model, data, search, (query_ids, scores, positions), settings, started, run_file, output)
     work = Path(tempfile.mkdtemp(prefix="retromae-eval-")) if state.num_processes == 1 else _shared_work_dir(state)
     try:
         encoder = encoder or make_encoder(model, encode_cfg, search, state.device)
@@ -185,6 +197,12 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
             shutil.rmtree(work, ignore_errors=True)
     if not state.is_main_process:
         return None
+    return _finish(model, data, search, found, settings, started, run_file, output)
+
+
+def _finish(model, data: RetrievalData, search: SearchConfig, found, settings: dict, started: float,
+            run_file: str | None, output: str | None) -> dict:
+    """Score the merged results, write the run and the JSON if asked; the result row."""
     run = _to_run(data, *found)
     means, per_query = score_run(run, data, search, run_file)
     result = {**means, "dataset": data.name, "split": data.split, "model": model, "num_queries": len(per_query),
@@ -273,7 +291,8 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
                 results = None
                 break
             # built once for the suite, on this process's device (under a launch: cuda:<local rank>, not cuda:0)
-            encoder = encoder or make_encoder(model, suite.encode, suite.search, process_state().device)
+            if not is_bm25(model):
+                encoder = encoder or make_encoder(model, suite.encode, suite.search, process_state().device)
             results.append(evaluate_model(model, data, suite.split, suite.encode, suite.search, encoder=encoder))
         if not results or results[0] is None:  # non-main processes get None
             continue
