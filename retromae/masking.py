@@ -192,3 +192,83 @@ def corrupt(
     out = torch.where(mask & (u < mask_prob), tables.mask_id, input_ids)
     use_random = mask & (u >= mask_prob) & (u < mask_prob + random_prob)
     return torch.where(use_random, random_ids, out)
+
+
+# ----- weighted word masks, word deletion, removal layouts (SEED, CoT-MAE, PMI decoder, TSDAE, MAE-LM ...) ---------
+
+
+def derived_seeds(seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    """Another 32-bit seed per example, independent of `seeds` for the generator: for objectives that turn one
+    example into several rows (two spans of one document) and mask each row with the same masking functions."""
+    from retromae.rng import _signed, mix32, mix32_int, to_int32
+
+    return mix32(to_int32(seeds) ^ _signed(mix32_int(salt ^ 0x5A17)))
+
+
+def capped_proportional(weights: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-word probabilities p (B, W) proportional to `weights` and capped at 1, scaled per row so that the expected
+    number of tokens taken, sum_w p_w * lengths_w, equals `targets` (B,): the water-filling solution. Words of length
+    0 (slots past the last word) get 0. With equal weights and no cap, p is targets / tokens for every word.
+
+    Sorting words by weight, k capped words leave lambda_k = (target - their tokens) / (the others' weight x length);
+    the answer is the smallest k whose first uncapped word stays below 1 (lambda_k * w_(k+1) <= 1)."""
+    w = weights.float() * (lengths > 0)
+    order = w.argsort(-1, descending=True)
+    sorted_w, sorted_len = w.gather(-1, order), lengths.gather(-1, order).float()
+    capped_tokens = torch.nn.functional.pad(sorted_len.cumsum(-1), (1, 0))  # k = 0 .. W
+    rest_mass = torch.nn.functional.pad((sorted_w * sorted_len).flip(-1).cumsum(-1).flip(-1), (0, 1))
+    lam = (targets.float()[:, None] - capped_tokens).clamp(min=0) / rest_mass.clamp(min=1e-30)
+    first_uncapped = torch.nn.functional.pad(sorted_w, (0, 1))
+    k = (lam * first_uncapped <= 1.0 + 1e-6).float().argmax(-1, keepdim=True)
+    return (lam.gather(-1, k) * w).clamp(max=1.0)
+
+
+def per_row_word_masks(words: torch.Tensor, word_probability: torch.Tensor, seeds: torch.Tensor,
+                       stream: int) -> torch.Tensor:
+    """Like `per_row_whole_word_masks`, with a probability per word (B, W) instead of one ratio: bool (B, L, L),
+    [b, i, j] = column j's word is hidden in row i's mask; each (row, word) drawn independently."""
+    seq_len = words.shape[1]
+    if seq_len > MAX_POSITIONS:
+        raise ValueError(f"sequence length {seq_len} exceeds {MAX_POSITIONS}")
+    rows = torch.arange(seq_len, device=words.device, dtype=torch.int32) * MAX_POSITIONS
+    column_word = words.clamp(min=0)
+    counters = rows[None, :, None] + column_word.to(torch.int32)[:, None, :]
+    threshold = word_probability.gather(-1, column_word)[:, None, :]
+    return (uniform(seeds, stream, counters) < threshold) & (words >= 0)[:, None, :]
+
+
+def weighted_whole_word_mask(words: torch.Tensor, word_weights: torch.Tensor, ratio: float, seeds: torch.Tensor,
+                             stream: int) -> torch.Tensor:
+    """One whole-word mask per row at `ratio` of the maskable tokens, words drawn without replacement with
+    probability proportional to `word_weights` (B, W), W <= L: Efraimidis-Spirakis keys u^(1/w), largest first
+    (here 1 - u^(1/w), smallest first, the order `choose_words` takes). Returns bool (B, L)."""
+    seq_len = words.shape[1]
+    u = uniform(seeds, stream, torch.arange(seq_len, device=words.device)[None])
+    weights = torch.nn.functional.pad(word_weights.float(), (0, seq_len - word_weights.shape[-1]), value=1.0)
+    priority = 1.0 - u.clamp(min=1e-12) ** (1.0 / weights.clamp(min=1e-12))
+    chosen = choose_words(word_lengths(words), mask_targets(words >= 0, ratio), priority)
+    return chosen.gather(-1, words.clamp(min=0)) & (words >= 0)
+
+
+def delete_words(words: torch.Tensor, probability: float, seeds: torch.Tensor, stream: int) -> torch.Tensor:
+    """TSDAE's noise: each word deleted independently with `probability`, at least one word kept per row that has
+    one (the word with the largest draw). Returns bool (B, L): True at the tokens of deleted words."""
+    exists = word_lengths(words) > 0  # (B, W=L)
+    u = uniform(seeds, stream, torch.arange(words.shape[1], device=words.device)[None])
+    deleted = (u < probability) & exists
+    nothing_left = ~(exists & ~deleted).any(-1, keepdim=True)
+    spared = torch.zeros_like(deleted).scatter_(-1, u.masked_fill(~exists, -1.0).argmax(-1, keepdim=True), True)
+    deleted &= ~(nothing_left & spared)
+    return deleted.gather(-1, words.clamp(min=0)) & (words >= 0)
+
+
+def kept_layout(keep: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of the kept tokens of each row, in order, packed to the left: (index (B, K), valid (B, K)),
+    K = the most kept tokens of a row rounded up to a multiple of `multiple` (fewer distinct shapes for the GPU's
+    kernels and allocator), at most L. Slots past a row's count (valid False) hold its other positions, distinct
+    from the kept ones, so a scatter back through `index` never writes one position twice."""
+    counts = keep.sum(-1)
+    width = min(keep.shape[1], -(-max(1, int(counts.max())) // multiple) * multiple)
+    index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    return index, valid

@@ -22,7 +22,10 @@ the projection + log-softmax at every ordinary token, since the decoder predicts
 from our MLM's ~2.6x down to ~1.1x hf-mlm. Masking costs well under 1% of the step (the decoder's per-row
 masks are built from counter-based hashes on the device; the reference collator's Python loop took 11-16%).
 
-With --objectives all, every objective of the toolkit runs beside them (DupMAE, COSTA, the bag-of-words decoders).
+With --objectives all, every objective of the toolkit runs beside them (DupMAE, COSTA, the bag-of-words decoders,
+SEED-Encoder, CoT-MAE, RetroMAE with the PMI decoder or MAE-LM's encoder side, TSDAE, MAE-LM, Condenser,
+coCondenser, Starbucks SMAE). CoT-MAE reads each block as a document (its ordinary tokens, sentences ending at '.');
+the PMI decoder gets token counts of the benchmark's own texts as its corpus statistics.
 
 Usage: python scripts/bench_pretrain.py [--rounds 3] [--steps 3] [--precision auto|no|bf16] [--objectives all]
 """
@@ -75,26 +78,58 @@ OBJECTIVES = {
     "costa": {"name": "costa"},
     "bow-contrastive": {"name": "bow"},
     "bow-prediction": {"name": "bow", "views": 1, "decoder": "mlm_head", "contrast_weight": 0.0},
+    "seed": {"name": "seed"},
+    "cotmae": {"name": "cotmae"},
+    "retromae-pmi": {"name": "retromae", "decoder_masking": "pmi"},
+    "retromae-remove": {"name": "retromae", "encoder_masking": "remove"},
+    "tsdae": {"name": "tsdae"},
+    "maelm": {"name": "maelm"},
+    # all-MiniLM-L6-v2 has 6 layers of 384: the recipes' settings for it (pretrain/*_small.yaml)
+    "condenser": {"name": "condenser", "skip_from": 3},
+    "cocondenser": {"name": "cocondenser", "skip_from": 3},
+    "starbucks": {"name": "starbucks", "pairs": [[1, 32], [2, 64], [3, 128], [4, 192], [5, 256], [6, 384]]},
 }
 
 
-def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str):
+def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str, token_counts: torch.Tensor):
     from transformers import AutoModelForMaskedLM
 
     encoder = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
     spec = OBJECTIVES[name]
     objective = objective_class(spec["name"])(encoder, tokenizer, build_objective_config(spec))
+    if hasattr(objective, "attach_corpus_statistics"):
+        objective.attach_corpus_statistics(token_counts, int(token_counts.sum()))
     cfg = TrainConfig(max_steps=10**6, lr=1e-5, mixed_precision=precision, report_to="none",
                       cpu=accelerator.device.type == "cpu",
                       max_grad_norm=1.0)
     return Trainer(objective, _FixedBatches(), cfg, accelerator)
 
 
+def as_documents(examples: list[list[int]], special_ids: set[int], end_id: int) -> tuple[list, list]:
+    """Blocks as whole-document examples: (their ordinary tokens, sentence lengths ending at each `end_id`)."""
+    documents, sentences = [], []
+    for ids in examples:
+        tokens = [t for t in ids if t not in special_ids]
+        ends = [i + 1 for i, t in enumerate(tokens) if t == end_id]
+        bounds = [0] + [e for e in ends if e < len(tokens)] + [len(tokens)]
+        documents.append(tokens)
+        sentences.append([b - a for a, b in zip(bounds, bounds[1:])])
+    return documents, sentences
+
+
+def takes_documents(name: str) -> bool:
+    return getattr(objective_class(OBJECTIVES[name]["name"]), "example_format", "block") == "document"
+
+
 def ours_step(trainer, examples, batch_index: int, pad_id: int, timings: dict | None = None, sync=None) -> None:
     """One training step as the Trainer runs it. With `timings`, the batch preparation (collate + masking) is
     synchronised and timed apart from the rest; without, nothing waits for the device inside the step."""
     t0 = time.perf_counter()
-    batch = collate(examples, list(range(len(examples))), batch_index, 0, pad_id, 8)
+    if isinstance(examples, tuple):  # (documents, their sentence lengths): whole-document examples
+        documents, sentences = examples
+        batch = collate(documents, list(range(len(documents))), batch_index, 0, pad_id, 8, None, sentences)
+    else:
+        batch = collate(examples, list(range(len(examples))), batch_index, 0, pad_id, 8)
     prepared = trainer.prepare_batches([batch])
     if timings is not None:
         sync()
@@ -139,7 +174,10 @@ def main() -> None:
     accelerator = make_accelerator(TrainConfig(mixed_precision=precision, report_to="none",
                                                cpu=args.device == "cpu"))
     device = accelerator.device
-    ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision) for name in names}
+    period, specials = tokenizer.convert_tokens_to_ids("."), set(tokenizer.all_special_ids)
+    documents = [as_documents(b, specials, period) for b in batches]
+    token_counts = torch.bincount(torch.tensor([t for ids in examples for t in ids]), minlength=len(tokenizer))
+    ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision, token_counts) for name in names}
 
     # Hugging Face's standard MLM, as its users run it (whole-word masking needs offset mappings).
     hf_model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
@@ -164,7 +202,7 @@ def main() -> None:
 
     # Warm-up: one step each (allocator, kernels, lazy initialisation).
     for name, trainer in ours.items():
-        ours_step(trainer, batches[0], 0, tokenizer.pad_token_id)
+        ours_step(trainer, (documents if takes_documents(name) else batches)[0], 0, tokenizer.pad_token_id)
     hf_step(0)
 
     rates = {**{f"ours-{n}": [] for n in names}, "hf-mlm": []}
@@ -178,7 +216,9 @@ def main() -> None:
                 if contender == "hf-mlm":
                     hf_step(index)
                 else:
-                    ours_step(ours[contender.removeprefix("ours-")], batches[index], index, tokenizer.pad_token_id)
+                    name = contender.removeprefix("ours-")
+                    inputs = documents if takes_documents(name) else batches
+                    ours_step(ours[name], inputs[index], index, tokenizer.pad_token_id)
             sync()
             elapsed = time.perf_counter() - start
             rates[contender].append(args.steps * args.batch / elapsed)

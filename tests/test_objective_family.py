@@ -359,6 +359,7 @@ def launch(args, processes, cwd, port):
 @pytest.mark.parametrize("objective, loss, port", [
     ({"name": "costa", "span_lengths": [[1, 3], [4, 8]], "spans_per_granularity": 2}, "span", 29531),
     ({"name": "bow"}, "contrast", 29541),
+    ({"name": "cocondenser", "skip_from": 1, "span_tokens": 8}, "contrast", 29551),
 ])
 def test_cross_process_negatives_are_used(tiny_model, corpus_file, tmp_path, objective, loss, port):
     """2 processes equal 1 process holding the global batch (float64: exact); dropping the other process's

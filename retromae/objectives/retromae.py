@@ -11,10 +11,24 @@ self-attention and predicts the masked tokens.
 
 The (B, L, L) visibility mask is built on the training device from per-example seeds, in a few tensor ops;
 the reference implementation builds it per example in Python inside the data collator.
+
+Two switches beyond the paper (uniform and mask stay the defaults):
+- `decoder_masking: pmi`, the challenging decoder (Li et al., 2023; methods.md §1.8): the decoder's words are hidden
+  with probability growing with their importance, PMI(w, d) = log(tf(w, d) / |d|) - log(cf(w) / |C|), tf counted
+  per example on the device over its ordinary tokens, cf and |C| from the corpus statistics that `retromae pretrain`
+  attaches from the example cache (`attach_corpus_statistics`). Our defaults (config fields and rules): a word's score
+  is the largest PMI of its pieces (a rare stem keeps a word informative whatever its common suffix) floored at
+  `pmi_floor`; a token absent from the statistics counts as seen once. Enhanced decoding: each (row, word) is hidden
+  independently with probability proportional to the score, capped at 1 and scaled per text so that the expected
+  hidden share stays `decoder_mask_ratio` (the uniform case is the same draw with equal scores). Basic decoding:
+  words drawn without replacement in proportion to the score until the ratio is reached.
+- `encoder_masking: remove`: MAE-LM's encoder side (methods.md §1.10, `retromae.objectives.maelm`): masked words are
+  removed from the encoder input instead of replaced, and L_enc is MAE-LM's shallow decoder predicting them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +40,16 @@ from retromae.masking import (
     DECODER_MASK,
     DECODER_RANDOM_IDS,
     DECODER_REPLACE,
+    ENCODER_MASK,
+    capped_proportional,
     corrupt,
+    maskable_positions,
     per_row_whole_word_masks,
+    per_row_word_masks,
+    weighted_whole_word_mask,
     whole_word_mask,
+    word_index,
+    word_lengths,
 )
 from retromae.modeling import mlm_head, position_embeddings, token_embeddings
 from retromae.objectives.base import masked_lm_loss_sum, register
@@ -42,6 +63,10 @@ class RetroMAEConfig(MLMConfig):
     decoder_mask_ratio: float = 0.5  # share of words hidden from each decoder row (basic: masked in its input)
     decoding: str = "enhanced"  # enhanced (two streams, a mask per row) | basic (h + masked text, self-attention)
     decoder_loss_weight: float = 1.0  # weight of the decoder loss in the total (the paper: 1)
+    decoder_masking: str = "uniform"  # words the decoder hides: uniform | pmi (by importance; needs corpus statistics)
+    pmi_floor: float = 0.1  # decoder_masking pmi: a word's score is max(PMI, pmi_floor), so every word can be hidden
+    encoder_masking: str = "mask"  # mask: [MASK] / 80-10-10 in the encoder input | remove: masked words dropped (MAE-LM)
+    removal_decoder_layers: int = 4  # encoder_masking remove: layers of MAE-LM's decoder that predicts removed words
 
     def validate(self) -> None:
         super().validate()
@@ -49,6 +74,20 @@ class RetroMAEConfig(MLMConfig):
             raise ConfigError(f"objective.decoding={self.decoding!r} must be 'enhanced' or 'basic'")
         if not 0 <= self.decoder_mask_ratio < 1:
             raise ConfigError(f"objective.decoder_mask_ratio={self.decoder_mask_ratio} must be in [0, 1)")
+        if self.decoder_masking not in ("uniform", "pmi"):
+            raise ConfigError(f"objective.decoder_masking={self.decoder_masking!r} must be 'uniform' or 'pmi'",
+                              key="decoder_masking")
+        if not self.pmi_floor > 0:
+            raise ConfigError(f"objective.pmi_floor={self.pmi_floor} must be > 0", key="pmi_floor")
+        if self.encoder_masking not in ("mask", "remove"):
+            raise ConfigError(f"objective.encoder_masking={self.encoder_masking!r} must be 'mask' or 'remove'",
+                              key="encoder_masking")
+        if self.removal_decoder_layers < 1:
+            raise ConfigError("objective.removal_decoder_layers must be >= 1", key="removal_decoder_layers")
+        if self.encoder_masking == "remove" and getattr(self, "bow_positions", None) == "all":
+            raise ConfigError("objective.encoder_masking=remove leaves the masked positions without encoder states, "
+                              "so DupMAE cannot pool over them: use objective.bow_positions=unmasked",
+                              key="bow_positions")
 
 
 class DecoderLayer(nn.Module):
@@ -123,6 +162,20 @@ def decoder_visibility(words: torch.Tensor, attention_mask: torch.Tensor, hidden
     return visible
 
 
+def pmi_word_scores(input_ids: torch.Tensor, words: torch.Tensor, log_collection_share: torch.Tensor,
+                    floor: float) -> torch.Tensor:
+    """Each word's importance, (B, L) indexed by word: max over its pieces of PMI(t, d) = log(tf(t, d) / |d|) -
+    log(cf(t) / |C|), floored at `floor`. tf and |d| count the text's ordinary tokens; `log_collection_share` (V,)
+    holds log(cf / |C|). Slots past the last word get the floor (they have no tokens, so they are never drawn)."""
+    ordinary = words >= 0
+    counts = torch.zeros(input_ids.shape[0], log_collection_share.shape[0], dtype=torch.int32, device=input_ids.device)
+    counts.scatter_add_(1, input_ids, ordinary.int())
+    share_in_text = counts.gather(1, input_ids).float() / ordinary.sum(-1, keepdim=True).clamp(min=1).float()
+    piece_pmi = (share_in_text.log() - log_collection_share[input_ids]).masked_fill(~ordinary, float("-inf"))
+    word_pmi = torch.full_like(piece_pmi, float("-inf")).scatter_reduce(1, words.clamp(min=0), piece_pmi, "amax")
+    return word_pmi.clamp(min=floor)
+
+
 @register
 class RetroMAE(MaskedLM):
     name = "retromae"
@@ -132,22 +185,89 @@ class RetroMAE(MaskedLM):
         super().__init__(encoder, tokenizer, config)
         self.decoder = DecoderLayer(encoder.config)
         self.loss_weights = {"decoder": config.decoder_loss_weight}
+        if config.encoder_masking == "remove":
+            from retromae.objectives.maelm import ReinsertionDecoder  # (maelm builds on this module's DecoderLayer)
+
+            self.removal_decoder = ReinsertionDecoder(encoder.config, config.removal_decoder_layers)
+        if config.decoder_masking == "pmi":
+            self.register_buffer("_log_collection_share", None, persistent=False)
+            # Offered only when used: `retromae pretrain` attaches statistics to objectives that have this hook (and
+            # refuses streamed corpora for them), so uniform RetroMAE keeps streaming.
+            self.attach_corpus_statistics = self._attach_corpus_statistics
+
+    def _attach_corpus_statistics(self, token_counts: torch.Tensor, total_tokens: int) -> None:
+        """The collection frequency cf (V,) of every token id and the collection size |C| in tokens, for PMI.
+        Ids beyond `token_counts` and ids never counted are taken as seen once."""
+        size = self._special.shape[0]
+        counts = torch.ones(size, dtype=torch.float64)
+        known = torch.as_tensor(token_counts)[:size].to(torch.float64)
+        counts[: known.shape[0]] = known.clamp(min=1.0)
+        share = counts.log() - math.log(max(int(total_tokens), 1))
+        self._log_collection_share = share.float().to(self._special.device)
+
+    def word_importance(self, batch: dict) -> torch.Tensor:
+        """PMI scores of each text's words, (B, L) indexed by word (`pmi_word_scores`)."""
+        if self._log_collection_share is None:
+            raise ConfigError(
+                "objective.decoder_masking=pmi needs corpus statistics, and none were attached: `retromae pretrain` "
+                "attaches them from the example cache (data.streaming=false); in your own code call "
+                "objective.attach_corpus_statistics(token_counts, total_tokens) first", key="decoder_masking")
+        return pmi_word_scores(batch["input_ids"], batch["words"], self._log_collection_share, self.config.pmi_floor)
+
+    def rows_hidden(self, batch: dict) -> torch.Tensor:
+        """Enhanced decoding: the words each decoder row hides, (B, L, L); each (row, word) drawn independently."""
+        words, seeds, ratio = batch["words"], batch["seeds"], self.config.decoder_mask_ratio
+        if self.config.decoder_masking == "uniform":
+            return per_row_whole_word_masks(words, ratio, seeds, DECODER_MASK)
+        chance = capped_proportional(self.word_importance(batch), word_lengths(words), ratio * (words >= 0).sum(-1))
+        return per_row_word_masks(words, chance, seeds, DECODER_MASK)
+
+    def decoder_mask(self, batch: dict) -> torch.Tensor:
+        """Basic decoding: the words masked in the decoder's input, (B, L)."""
+        words, seeds, ratio = batch["words"], batch["seeds"], self.config.decoder_mask_ratio
+        if self.config.decoder_masking == "uniform":
+            return whole_word_mask(words, ratio, seeds, DECODER_MASK)
+        return weighted_whole_word_mask(words, self.word_importance(batch), ratio, seeds, DECODER_MASK)
 
     def prepare(self, batch: dict) -> dict:
-        batch = super().prepare(batch)
-        words, seeds, ratio = batch["words"], batch["seeds"], self.config.decoder_mask_ratio
+        batch = self.prepare_encoder(batch)
+        words, seeds = batch["words"], batch["seeds"]
         if self.config.decoding == "enhanced":
-            rows_hidden = per_row_whole_word_masks(words, ratio, seeds, DECODER_MASK)
-            batch["decoder_visible"] = decoder_visibility(words, batch["attention_mask"], rows_hidden)
+            batch["decoder_visible"] = decoder_visibility(words, batch["attention_mask"], self.rows_hidden(batch))
             batch["decoder_targets"] = words >= 0
         else:
-            mask = whole_word_mask(words, ratio, seeds, DECODER_MASK)
+            mask = self.decoder_mask(batch)
             batch["decoder_input_ids"] = corrupt(
                 batch["input_ids"], mask, seeds, self.tables, (DECODER_REPLACE, DECODER_RANDOM_IDS),
                 self.config.mask_token_prob, self.config.random_token_prob,
             )
             batch["decoder_targets"] = mask
         return batch
+
+    def prepare_encoder(self, batch: dict) -> dict:
+        """The encoder's mask; its input corrupted (mask) or, with encoder_masking remove, left for `encode` to drop."""
+        if self.config.encoder_masking == "mask":
+            return super().prepare(batch)
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        words = word_index(ids, maskable_positions(ids, attention, self.tables), self.tables)
+        mask = whole_word_mask(words, self.config.mask_ratio, batch["seeds"], ENCODER_MASK)
+        return {**batch, "words": words, "encoder_mask": mask}
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        if self.config.encoder_masking == "mask":
+            return super().encode(batch)
+        from retromae.objectives.maelm import encode_kept
+
+        return encode_kept(self.encoder, batch["input_ids"], batch["attention_mask"], batch["encoder_mask"],
+                           self._pad_id)
+
+    def mlm_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """L_enc: MLM on the encoder's states, or (encoder_masking remove) MAE-LM's decoder filling in the removed
+        words."""
+        if self.config.encoder_masking == "remove":
+            hidden = self.removal_decoder(self.encoder, hidden, batch["encoder_mask"], batch["attention_mask"],
+                                          self._mask_id)
+        return super().mlm_loss(hidden, batch)
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": batch["encoder_mask"].sum(), "decoder": batch["decoder_targets"].sum()}
