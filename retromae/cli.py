@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
     f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
+    st = sub.add_parser("study", help="compare pretraining objectives on equal terms (pretrain, fine-tune, evaluate)",
+                        description="Run every arm of a study (pretraining objective or none, the same fine-tuning "
+                        "and evaluation), resumably; write study.json, study.md and study.png.")
+    st.add_argument("config", help="YAML study, e.g. study/cpu.yaml")
+    st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output_dir=runs/s seeds=[1,2]")
     m = sub.add_parser("mine", help="mine hard negatives for every training query with a model's dense retrieval",
                        formatter_class=defaults)
     m.add_argument("--model", required=True, help="the model that retrieves (e.g. the stage-1 fine-tuned model)")
@@ -208,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.pretrain import load_config, run
 
             run(load_config(args.config, args.overrides))
+        elif args.command == "study":
+            from retromae.study import load_study, run_study
+
+            report = run_study(load_study(args.config, args.overrides))
+            print("\n" + report["table"])
         elif args.command == "prepare":
             from retromae.pretrain import load_config, prepare
 

@@ -204,10 +204,15 @@ def build(cls, data: dict | None, source: str = "<config>", lines: dict | None =
                 f"{where}: unknown key '{full}'.{hint} Known keys{' in ' + prefix if prefix else ''}: {known}"
             )
         tp = hints[key]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
         if key in dynamic:
             kwargs[key] = dynamic[key](value, source, lines, path + (key,))
         elif dataclasses.is_dataclass(tp):
             kwargs[key] = build(tp, value, source, lines, path + (key,))
+        elif inner is not None and dataclasses.is_dataclass(inner):  # a list of sections (e.g. a study's arms)
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: '{full}' must be a list")
+            kwargs[key] = [build(inner, item, source, lines, path + (key, str(i))) for i, item in enumerate(value)]
         else:
             kwargs[key] = _coerce(value, tp, where, full)
     for key in dynamic:

@@ -32,7 +32,7 @@ def one_process(tiny_model, corpus_file, tmp_path_factory):
     return out
 
 
-def compare(one: Path, two: Path, naive_differs: bool = True) -> None:
+def compare(one: Path, two: Path, naive_differs: bool = True, weight_atol: float = 2e-4) -> None:
     first = json.loads((one / "record.json").read_text())
     second = json.loads((two / "record.json").read_text())
     assert (first["num_processes"], second["num_processes"]) == (1, 2)
@@ -51,7 +51,7 @@ def compare(one: Path, two: Path, naive_differs: bool = True) -> None:
     for k in t1:
         # Gradients to float tolerance. Weights after 3 AdamW steps at lr 2e-2 (each moves up to 6e-2): Adam divides
         # by sqrt(v), which turns float noise in near-zero gradients into ~1e-5 differences; 2e-4 is 0.3% of a move.
-        atol = 1e-5 if k.startswith("grad.") else 2e-4
+        atol = 1e-5 if k.startswith("grad.") else weight_atol
         assert torch.allclose(t1[k], t2[k], atol=atol, rtol=1e-4), f"{k}: max diff {(t1[k] - t2[k]).abs().max()}"
 
 
@@ -61,7 +61,10 @@ def test_two_processes_accumulating_two_micro_batches_equal_one(one_process, tin
     done = accelerate_launch([str(PROBE), str(tiny_model), str(corpus_file), str(tmp_path / "two"), "2", "2"],
                              port=29517, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    compare(one_process, tmp_path / "two")
+    # gradients as strictly as ever; the weights after 3 AdamW steps within 2% of the largest move (3 x lr 2e-2):
+    # summing four micro-batches in another order leaves ~1e-9 differences in gradients near Adam's epsilon, and
+    # g / sqrt(v) turns those into up to ~4e-4 (measured) on a few such weights
+    compare(one_process, tmp_path / "two", weight_atol=1.2e-3)
 
 
 @pytest.mark.slow

