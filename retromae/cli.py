@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--hybrid-search", choices=["exact", "pooled"],
                    help="dupmae: exact sparse product, or a FAISS pool re-scored (large corpora; default: exact)")
     e.add_argument("--candidate-pool", type=int, help="dupmae pooled search: candidates per query (default: 1000)")
+    e.add_argument("--matryoshka", action="store_true", help="score every (layer, dim) pair (Starbucks): a table, and "
+                   "with --output a heatmap (OUTPUT.matryoshka.png); default grid: the model's layers 2, 4, ... x "
+                   "dims 32, 64, ... up to its width")
+    e.add_argument("--layers", type=int, nargs="+", help="with --matryoshka: the layers")
+    e.add_argument("--dims", type=int, nargs="+", help="with --matryoshka: the prefix sizes")
     c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)",
                        formatter_class=defaults)
     c.add_argument("--model", required=True)
@@ -158,6 +163,8 @@ def _evaluate(args) -> None:
                         if getattr(args, option) is not None}
     if args.keep_identical_ids:
         search_overrides["ignore_identical_ids"] = False
+    if args.matryoshka:
+        search_overrides["layers"], search_overrides["dims"] = _matryoshka_grid(args)
     if args.metrics:
         check_metrics(args.metrics)
     if args.suite:
@@ -176,10 +183,30 @@ def _evaluate(args) -> None:
         return
     search = SearchConfig(**search_overrides)
     result = evaluate_model(args.model, args.dataset, args.split, _encode_config(args), search, args.run, args.output)
+    if result is not None and search.layers:
+        from retromae.retrieval.evaluate import matryoshka_table
+
+        print(matryoshka_table(result, search))
     if result is not None:
         print(format_table([result], search.metrics))
         print(f"{result['num_queries']} queries, {result['num_documents']} documents, {result['seconds']} s; "
               f"settings: {result['settings']}")
+
+
+def _matryoshka_grid(args) -> tuple[list[int], list[int]]:
+    """The (layer, dim) grid asked for, or the default one: every second layer, dims doubling from 32 to the
+    width (the width itself included), read from the model's config."""
+    if args.layers and args.dims:
+        return args.layers, args.dims
+    from transformers import AutoConfig
+
+    from retromae.modeling import from_pretrained
+
+    config = from_pretrained(AutoConfig, args.model, "--model")
+    layers = args.layers or list(range(2, config.num_hidden_layers + 1, 2))
+    dims = args.dims or sorted({d for d in (32, 64, 128, 256, 512, 1024) if d < config.hidden_size}
+                               | {config.hidden_size})
+    return layers, dims
 
 
 def _encode(args) -> None:

@@ -417,3 +417,70 @@ def test_every_named_loss_decreases_on_a_real_corpus(tiny_model, tmp_path, objec
     for name in names:
         assert history[-1][name] < history[0][name], f"{name}: {history[0][name]:.4f} -> {history[-1][name]:.4f}"
     assert (tmp_path / "model" / "pretraining" / "heads.safetensors").is_file()
+
+
+# ----- Starbucks across the stages: SRL fine-tuning and the (layer, dim) evaluation --------------------------
+
+
+def test_srl_loss_and_its_kl_sends_no_gradient_to_the_full_size(tiny_model):
+    """SRL = CE at full size + at each other (layer, dim) pair CE + KL towards the full-size scores, which are
+    detached: the KL term moves the pairs, never the full-size vectors."""
+    import torch.nn.functional as F
+
+    from retromae.finetune.model import BiEncoder, LossConfig
+    from retromae.modeling import load_pretrained
+
+    from transformers import AutoModel
+
+    encoder = load_pretrained(AutoModel, ModelConfig(name_or_path=str(tiny_model), dropout=0.0))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model)))
+    pairs = [[1, 8], [2, 16], [2, 32]]  # the last is the full size (2 layers of 32): not an extra pair
+    bi = BiEncoder(encoder, LossConfig(starbucks_pairs=pairs, cross_device_negatives=False))
+    assert bi.pairs == [(1, 8), (2, 16)]
+    q = tokenizer(["open a file", "close the stream"], padding=True, return_tensors="pt")
+    p = tokenizer(["read bytes from a file", "a socket", "flush and close", "stream of text"], padding=True,
+                  return_tensors="pt")
+    batch = {"query_input_ids": q["input_ids"], "query_attention_mask": q["attention_mask"],
+             "passage_input_ids": p["input_ids"], "passage_attention_mask": p["attention_mask"],
+             "passage_valid": torch.ones(4, dtype=torch.bool)}
+    losses = bi(batch)
+    assert set(losses) == {"contrastive", "srl_ce", "srl_kl"} and bi.num_items(batch)["srl_kl"].item() == 2
+    # by hand, from the hidden states
+    with torch.no_grad():
+        qs = encoder(**q, output_hidden_states=True).hidden_states
+        ps = encoder(**p, output_hidden_states=True).hidden_states
+    targets = torch.tensor([0, 2])
+    full = qs[-1][:, 0] @ ps[-1][:, 0].T
+    expected_ce, expected_kl = 0.0, 0.0
+    for layer, dim in bi.pairs:
+        scores = qs[layer][:, 0, :dim] @ ps[layer][:, 0, :dim].T
+        expected_ce += F.cross_entropy(scores, targets, reduction="sum")
+        expected_kl += F.kl_div(scores.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="sum")
+    assert losses["contrastive"].item() == pytest.approx(F.cross_entropy(full, targets, reduction="sum").item(),
+                                                         rel=1e-5)
+    assert losses["srl_ce"].item() == pytest.approx(float(expected_ce), rel=1e-5)
+    assert losses["srl_kl"].item() == pytest.approx(float(expected_kl), rel=1e-4)
+    # the KL's gradient reaches the pair parts of the vectors, not the full-size part
+    queries, passages = bi.encode_queries(batch), bi.encode_passages(batch)
+    queries.retain_grad()
+    passages.retain_grad()
+    kl = bi._srl_losses(queries, passages, batch["passage_valid"], targets, 2, batch)["srl_kl"]
+    kl.backward()
+    assert queries.grad[:, :32].abs().max() == 0 and passages.grad[:, :32].abs().max() == 0
+    assert queries.grad[:, 32:].abs().max() > 0
+
+
+def test_layer_and_dim_evaluation_encodes_once_and_scores_every_pair(tiny_model, beir_task, tmp_path):
+    from retromae.retrieval.encoder import EncodeConfig
+    from retromae.retrieval.evaluate import SearchConfig, evaluate_model
+
+    search = SearchConfig(metrics=["ndcg@10"], layers=[1, 2], dims=[8, 32])
+    cfg = EncodeConfig(precision="no", passage_max_len=32, query_max_len=32)
+    out = tmp_path / "grid.json"
+    grid = evaluate_model(str(tiny_model), str(beir_task), None, cfg, search, output=str(out))
+    assert sorted(grid["matryoshka"]) == ["1x32", "1x8", "2x32", "2x8"]
+    plain = evaluate_model(str(tiny_model), str(beir_task), None, cfg, SearchConfig(metrics=["ndcg@10"]))
+    assert grid["matryoshka"]["2x32"]["ndcg@10"] == pytest.approx(plain["ndcg@10"], abs=1e-9), "the last layer whole"
+    assert grid["ndcg@10"] == grid["matryoshka"]["2x32"]["ndcg@10"]
+    assert (tmp_path / "grid.matryoshka.png").stat().st_size > 1000
+    assert "| 1 | " in (tmp_path / "grid.matryoshka.md").read_text()

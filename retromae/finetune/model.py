@@ -8,7 +8,7 @@ their gradients). Optional: KL towards teacher (cross-encoder) scores over the q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class LossConfig:
     representation: str = "dense"  # dense | dupmae: [W h ; top-k mu] with the joint score (loads the MLM head too)
     dupmae_dense_dim: int = 384  # dupmae: size of W h
     dupmae_topk: int = 384  # dupmae: vocabulary entries kept from mu
+    starbucks_pairs: list[list[int]] = field(default_factory=list)  # Starbucks SRL: (layer, dim) pairs trained beside the full size
+    starbucks_kl_weight: float = 1.0  # Starbucks SRL: weight of each pair's KL towards the detached full-size scores
 
     def validate(self) -> None:
         if self.similarity not in ("dot", "cosine"):
@@ -46,6 +48,12 @@ class LossConfig:
             raise ConfigError(f"loss.representation={self.representation!r} must be 'dense' or 'dupmae'")
         if self.representation == "dupmae" and self.similarity != "dot":
             raise ConfigError("loss.representation=dupmae scores by dense dot + sparse dot: set loss.similarity=dot")
+        for pair in self.starbucks_pairs:
+            if len(pair) != 2 or min(pair) < 1:
+                raise ConfigError(f"loss.starbucks_pairs: {pair} is not a [layer, dim] with both >= 1",
+                                  key="starbucks_pairs")
+        if self.starbucks_pairs and self.representation != "dense":
+            raise ConfigError("loss.starbucks_pairs needs loss.representation=dense", key="starbucks_pairs")
 
 
 class BiEncoder(nn.Module):
@@ -59,16 +67,38 @@ class BiEncoder(nn.Module):
         if not cfg.shared_encoder and query_encoder is None:
             raise ValueError("shared_encoder=False needs a query encoder")
         self.cfg = cfg
-        self.loss_weights = {"distill": cfg.distill_weight}
+        self.loss_weights = {"distill": cfg.distill_weight, "srl_kl": cfg.starbucks_kl_weight}
+        self.pairs = self._srl_pairs(encoder) if cfg.starbucks_pairs else []
 
     # ----- encoding -------------------------------------------------------------------------------------
+    def _srl_pairs(self, encoder: nn.Module) -> list[tuple[int, int]]:
+        """The (layer, dim) pairs other than the full size (the last layer at full width), checked against the
+        model (Starbucks, methods.md §1.11)."""
+        layers, width = encoder.config.num_hidden_layers, encoder.config.hidden_size
+        pairs = [tuple(p) for p in self.cfg.starbucks_pairs]
+        for layer, dim in pairs:
+            if layer > layers or dim > width:
+                raise ConfigError(f"loss.starbucks_pairs: ({layer}, {dim}) does not fit a model of {layers} layers of "
+                                  f"{width}", key="starbucks_pairs")
+        return [p for p in pairs if p != (layers, width)]
+
     def _embed(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pairs:
+            # [full size ; pair 1 ; pair 2 ...] in one vector per text: cross-device gathering and GradCache apply
+            # unchanged, and forward() scores each part on its own
+            states = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+            parts = [self._vector(states[-1], attention_mask)]
+            parts += [self._vector(states[layer][..., :dim], attention_mask) for layer, dim in self.pairs]
+            return torch.cat(parts, dim=-1)
         if self.cfg.representation == "dupmae":
             # [W h ; top-k mu as a vocabulary-sized vector]: a plain dot product of two of these is DupMAE's
             # dense dot + sparse dot, so the loss, GradCache and cross-device gathering apply unchanged
             dense, values, ids = model(input_ids, attention_mask)
             return torch.cat([dense, model.densify(values, ids)], dim=-1)
         hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._vector(hidden, attention_mask)
+
+    def _vector(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         vectors = pool(hidden, attention_mask, self.cfg.pooling)
         if vectors.dtype in (torch.float16, torch.bfloat16):
             vectors = vectors.float()  # scores and the softmax in fp32 under autocast
@@ -103,6 +133,8 @@ class BiEncoder(nn.Module):
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         queries = batch["query_input_ids"].shape[0]
         items = {"contrastive": torch.tensor(float(queries), device=batch["query_input_ids"].device)}
+        if self.pairs:
+            items["srl_ce"] = items["srl_kl"] = items["contrastive"]
         if self.cfg.distill_weight > 0:
             items["distill"] = self._teacher_rows(batch).sum().float()
         return items
@@ -130,11 +162,28 @@ class BiEncoder(nn.Module):
         if self.cfg.cross_device_negatives:
             offset = world()[0] * passages.shape[0]
             passages, valid = gather_with_grad(passages), gather(valid)
-        scores = self.scores(queries, passages).masked_fill(~valid[None, :], float("-inf"))
         targets = offset + torch.arange(queries.shape[0], device=queries.device) * group
+        if self.pairs:
+            return self._srl_losses(queries, passages, valid, targets, group, batch)
+        scores = self.scores(queries, passages).masked_fill(~valid[None, :], float("-inf"))
         losses = {"contrastive": F.cross_entropy(scores, targets, reduction="sum")}
         if self.cfg.distill_weight > 0:
             losses["distill"] = self._distill(scores, targets, group, batch)
+        return losses
+
+    def _srl_losses(self, queries, passages, valid, targets, group: int, batch: dict) -> dict[str, torch.Tensor]:
+        """Starbucks SRL: CE at full size, plus at each other (layer, dim) pair its CE and the KL from the full-size
+        score distribution (detached: the pairs learn from it, it does not move towards them) to the pair's."""
+        sizes = [self.encoder.config.hidden_size] + [dim for _, dim in self.pairs]
+        q_parts, p_parts = queries.split(sizes, dim=-1), passages.split(sizes, dim=-1)
+        scores = [self.scores(q, p).masked_fill(~valid[None, :], float("-inf")) for q, p in zip(q_parts, p_parts)]
+        full = scores[0]
+        teacher = full.detach().log_softmax(-1)
+        losses = {"contrastive": F.cross_entropy(full, targets, reduction="sum"),
+                  "srl_ce": sum(F.cross_entropy(s, targets, reduction="sum") for s in scores[1:]),
+                  "srl_kl": sum(_kl_sum(teacher, s.log_softmax(-1)) for s in scores[1:])}
+        if self.cfg.distill_weight > 0:
+            losses["distill"] = self._distill(full, targets, group, batch)
         return losses
 
     def _distill(self, scores: torch.Tensor, targets: torch.Tensor, group: int, batch: dict) -> torch.Tensor:
@@ -148,3 +197,9 @@ class BiEncoder(nn.Module):
         student = student.masked_fill(~valid, float("-inf")).log_softmax(-1)
         kl = (teacher.exp() * (teacher - student)).masked_fill(~valid, 0.0).sum(-1)
         return kl[rows].sum()
+
+
+def _kl_sum(teacher_log: torch.Tensor, student_log: torch.Tensor) -> torch.Tensor:
+    """sum over rows of KL(teacher || student) from log-probabilities (masked entries, -inf in both, add 0)."""
+    terms = teacher_log.exp() * (teacher_log - student_log)
+    return terms.masked_fill(torch.isinf(teacher_log), 0.0).sum()

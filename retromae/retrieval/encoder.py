@@ -107,6 +107,19 @@ class TextEncoder:
         self.cfg = cfg.resolve(declared, default_max_length(self.tokenizer, self.model.config))
         self.pooling, self.normalize = self.cfg.pooling, self.cfg.normalize
         self.dimension = self.model.config.hidden_size
+        self.layers: list[int] | None = None
+
+    def with_layers(self, layers: list[int]) -> "TextEncoder":
+        """Encode each text as [vector at layer l1 ; vector at layer l2 ; ...] (pooled, normalised per layer if
+        the model is): one pass for the (layer, dim) evaluation of Starbucks-style models. Layer l is the output of
+        transformer layer l (0: the embeddings)."""
+        count = self.model.config.num_hidden_layers
+        wrong = [layer for layer in layers if not 0 <= layer <= count]
+        if wrong:
+            raise ConfigError(f"layers {wrong}: the model has layers 0 (embeddings) to {count}")
+        self.layers = list(layers)
+        self.dimension = self.model.config.hidden_size * len(layers)
+        return self
 
     def _load(self, path: str, half, trust_remote_code: bool):
         from transformers import AutoModel
@@ -147,11 +160,12 @@ class TextEncoder:
         features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         model = self.query_model if kind == "query" and self.query_model is not None else self.model
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            hidden = model(**features).last_hidden_state
-        vectors = pool(hidden.float(), features["attention_mask"], self.pooling)
+            out = model(**features, output_hidden_states=self.layers is not None)
+        states = [out.hidden_states[layer] for layer in self.layers] if self.layers else [out.last_hidden_state]
+        vectors = [pool(hidden.float(), features["attention_mask"], self.pooling) for hidden in states]
         if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        return vectors
+            vectors = [torch.nn.functional.normalize(v, dim=-1) for v in vectors]
+        return torch.cat(vectors, dim=-1) if len(vectors) > 1 else vectors[0]
 
     def iter_batches(self, texts: list[str], kind: str) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(positions in `texts`, vectors on the device) batch by batch, longest texts first within each chunk.

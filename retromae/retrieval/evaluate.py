@@ -44,8 +44,14 @@ class SearchConfig:
     representation: str = "dense"  # dense | dupmae ([W h ; top-k mu], dense dot + sparse dot)
     hybrid_search: str = "exact"  # dupmae only: exact (sparse matrix product) | pooled (FAISS pool, re-scored)
     candidate_pool: int = 1000  # dupmae pooled search: dense candidates re-scored per query
+    layers: list[int] = field(default_factory=list)  # (layer, dim) evaluation (Starbucks): the layers scored ([]: off)
+    dims: list[int] = field(default_factory=list)  # ... and the prefix sizes: every layer x dim pair is scored
 
     def validate(self) -> None:
+        if bool(self.layers) != bool(self.dims):
+            raise ConfigError("layers and dims go together: the (layer, dim) grid needs both", key="layers")
+        if self.layers and self.representation != "dense":
+            raise ConfigError("the (layer, dim) evaluation is for dense representations", key="layers")
         if self.backend not in ("auto", "faiss", "torch"):
             raise ConfigError(f"backend={self.backend!r} must be auto, faiss or torch", key="backend")
         if self.nprobe < 1:
@@ -114,18 +120,50 @@ def hybrid_run(encoder, data: RetrievalData, search: SearchConfig, work: Path, s
     return _gather_results(query_ids, scores, positions + lo, depth, work, state)
 
 
-def _gather_results(query_ids, scores, positions, depth, work: Path, state):
+def matryoshka_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work: Path, state,
+                   depth: int) -> dict | None:
+    """(layer, dim) evaluation: every text encoded once as its vectors at `search.layers`, then every pair scored by
+    the first `dim` coordinates of its layer's vector (no re-normalisation), as Starbucks evaluates; {(layer,
+    dim): (query ids, scores, positions)} on the main process."""
+    rank, world = state.process_index, state.num_processes
+    encoder.with_layers(search.layers)
+    width = encoder.dimension // len(search.layers)
+    ids, texts = data.passages(search.title_separator)
+    query_ids = list(data.queries)
+    shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
+    encode_shard(encoder, query_ids, [data.queries[q] for q in query_ids], work / "queries", rank, world,
+                 kind="query", show_progress=False)
+    state.wait_for_everyone()
+    all_queries = np.concatenate([v for _, v in read_shards(work / "queries")])
+    vectors = np.load(shard, mmap_mode="r")
+    lo, _ = shard_range(len(ids), rank, world)
+    found = {}
+    for i, layer in enumerate(search.layers):
+        for dim in search.dims:
+            if dim > width:
+                raise ConfigError(f"dims: {dim} is wider than the model's {width}")
+            columns = slice(i * width, i * width + dim)
+            scores, positions = search_shard(np.ascontiguousarray(all_queries[:, columns]),
+                                             np.ascontiguousarray(vectors[:, columns]), depth, search.index,
+                                             search.backend, _gpu_setting(search.use_gpu), search.nprobe,
+                                             encoder.device)
+            positions = np.where(positions >= 0, positions + lo, -1)
+            found[(layer, dim)] = _gather_results(query_ids, scores, positions, depth, work, state, f"{layer}x{dim}")
+    return found if state.is_main_process else None
+
+
+def _gather_results(query_ids, scores, positions, depth, work: Path, state, tag: str = "dense"):
     """Every process's shard results, merged into the top `depth` on the main process (None elsewhere)."""
     if state.num_processes == 1:
         return query_ids, *merge_top_k([scores], [positions], depth)
     results = work / "results"
     results.mkdir(exist_ok=True)
-    np.save(results / f".scores-{state.process_index}.npy", scores)
-    np.save(results / f".positions-{state.process_index}.npy", positions)
+    np.save(results / f".scores-{tag}-{state.process_index}.npy", scores)
+    np.save(results / f".positions-{tag}-{state.process_index}.npy", positions)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    parts = [(np.load(results / f".scores-{r}.npy"), np.load(results / f".positions-{r}.npy"))
+    parts = [(np.load(results / f".scores-{tag}-{r}.npy"), np.load(results / f".positions-{tag}-{r}.npy"))
              for r in range(state.num_processes)]
     return query_ids, *merge_top_k([s for s, _ in parts], [p for _, p in parts], depth)
 
@@ -188,6 +226,10 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
         if search.representation == "dupmae":
             found = hybrid_run(encoder, data, search, work, state, depth)
             settings.update(asdict(encoder.cfg))
+        elif search.layers:
+            grid = matryoshka_run(encoder, data, search, work, state, depth)
+            settings.update(encoder.settings())
+            found = grid[(search.layers[-1], max(search.dims))] if grid else None
         else:
             found = dense_run(encoder, data, search, work, state, depth)
             settings.update(encoder.settings())
@@ -197,17 +239,63 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
             shutil.rmtree(work, ignore_errors=True)
     if not state.is_main_process:
         return None
-    return _finish(model, data, search, found, settings, started, run_file, output)
+    extra = {}
+    if search.layers:
+        extra["matryoshka"] = {f"{layer}x{dim}": score_run(_to_run(data, *grid[(layer, dim)]), data, search)[0]
+                               for layer, dim in grid}
+    result = _finish(model, data, search, found, settings, started, run_file, output, extra)
+    if search.layers and output:
+        write_matryoshka(result, search, Path(output))
+    return result
+
+
+def matryoshka_table(result: dict, search: SearchConfig, metric: str | None = None) -> str:
+    """Layers (rows) x dims (columns) of one metric, as Markdown."""
+    metric = metric or search.metrics[0]
+    grid = result["matryoshka"]
+    lines = [f"{metric} by layer (rows) and dimensions (columns)\n", "| layer | " + " | ".join(map(str, search.dims))
+             + " |", "|---|" + "---:|" * len(search.dims)]
+    for layer in search.layers:
+        lines.append(f"| {layer} | " + " | ".join(f"{grid[f'{layer}x{d}'][metric]:.4f}" for d in search.dims) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_matryoshka(result: dict, search: SearchConfig, output: Path) -> None:
+    """OUTPUT's stem + .matryoshka.md (the table) and .matryoshka.png (a heatmap of the first metric)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = search.metrics[0]
+    stem = output.with_suffix("")
+    atomic_write_text(f"{stem}.matryoshka.md", matryoshka_table(result, search))
+    values = np.array([[result["matryoshka"][f"{layer}x{d}"][metric] for d in search.dims] for layer in search.layers])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(search.dims), 1.0 + 0.6 * len(search.layers)))
+    image = ax.imshow(values, cmap="viridis", origin="lower", aspect="auto")
+    for (r, c), v in np.ndenumerate(values):
+        ax.text(c, r, f"{v:.3f}", ha="center", va="center", fontsize=7, color="white" if v < values.mean() else "black")
+    ax.set_xticks(range(len(search.dims)), search.dims)
+    ax.set_yticks(range(len(search.layers)), search.layers)
+    ax.set_xlabel("dimensions")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{result['dataset']}: {metric}")
+    fig.colorbar(image)
+    fig.tight_layout()
+    tmp = Path(f"{stem}.matryoshka.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(f"{stem}.matryoshka.png")
 
 
 def _finish(model, data: RetrievalData, search: SearchConfig, found, settings: dict, started: float,
-            run_file: str | None, output: str | None) -> dict:
+            run_file: str | None, output: str | None, extra: dict | None = None) -> dict:
     """Score the merged results, write the run and the JSON if asked; the result row."""
     run = _to_run(data, *found)
     means, per_query = score_run(run, data, search, run_file)
     result = {**means, "dataset": data.name, "split": data.split, "model": model, "num_queries": len(per_query),
               "num_documents": len(data.corpus), "seconds": round(time.perf_counter() - started, 1),
-              "settings": settings, "sources": data.sources}
+              "settings": settings, "sources": data.sources, **(extra or {})}
     if output:
         atomic_write_text(output, json.dumps({**result, "per_query": per_query}, indent=1))
     return result
