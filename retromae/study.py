@@ -47,6 +47,9 @@ class StudyConfig:
     budget_tokens: int = 0  # pretraining budget per arm in tokens (sets max_steps from batch x max_len); 0: recipe's
     finetune: str = ""  # the fine-tuning recipe every arm shares
     finetune_overrides: list[str] = field(default_factory=list)  # overrides of it for every arm
+    mine: str | None = None  # a BEIR folder whose training queries get negatives mined once, by the initial model
+    mine_depth: int = 50  # mined negatives kept per query
+    mine_skip_top: int = 5  # ranks skipped after the positives (false-negative guard)
     suite: str = "eval/local.yaml"  # the evaluation suite (datasets found under its data_root)
     data_root: str | None = None  # override the suite's data_root
     baselines: list[str] = field(default_factory=lambda: ["bm25", "initial"])  # reference rows: bm25 | initial
@@ -138,7 +141,24 @@ def run_baselines(cfg: StudyConfig) -> dict:
     return done
 
 
+def mine_once(cfg: StudyConfig) -> list[str]:
+    """Negatives mined by the initial model for every arm's fine-tuning (the same training data for all arms);
+    the fine-tuning overrides that point at them."""
+    if not cfg.mine:
+        return []
+    from retromae.finetune.mine import MineConfig, mine_negatives
+    from retromae.retrieval.encoder import EncodeConfig
+
+    mined = Path(cfg.output_dir) / "mined.jsonl"
+    if not mined.is_file():
+        logger.info("study %s: mining negatives for %s with %s", cfg.name, cfg.mine, cfg.model)
+        mine_negatives(cfg.model, cfg.mine, str(mined), "train", EncodeConfig(),
+                       MineConfig(depth=cfg.mine_depth, skip_top=cfg.mine_skip_top))
+    return [f"data.train={_quote(str(mined))}", f"data.corpus={_quote(cfg.mine)}", "data.format=mined"]
+
+
 def run_study(cfg: StudyConfig) -> dict:
+    cfg.finetune_overrides = [*mine_once(cfg), *cfg.finetune_overrides]
     cells = []
     for arm in cfg.arms:
         for seed in arm.seeds or cfg.seeds:
