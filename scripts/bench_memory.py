@@ -56,7 +56,7 @@ def text_batch(tokenizer, batch: int, length: int):
             for i in range(batch)], [ids[i * length * 2 : (i + 1) * length * 2] for i in range(batch)]
 
 
-def child(name: str, batch_size: int, length: int, steps: int = 2) -> None:
+def child(name: str, batch_size: int, length: int, steps: int = 2, tokenizer_path: str | None = None) -> None:
     import torch
 
     from retromae.data.batches import collate
@@ -65,7 +65,7 @@ def child(name: str, batch_size: int, length: int, steps: int = 2) -> None:
     from retromae.trainer import TrainConfig, Trainer, make_accelerator
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or minilm_path())
     blocks, documents = text_batch(tokenizer, batch_size, length)
     before = rss_mb()
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, length))
@@ -109,16 +109,18 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--objectives", nargs="+", default=None, help="default: every registered objective")
     parser.add_argument("--steps", type=int, default=2, help="training steps (samples/s over all but the first)")
+    parser.add_argument("--tokenizer", default=None, help="BERT-vocabulary tokenizer folder (default: all-MiniLM-L6-v2's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.batch, args.length, args.steps)
+        child(args.child, args.batch, args.length, args.steps, args.tokenizer)
         return
     names = args.objectives or all_objectives()
     rows = []
     for name in names:
         done = subprocess.run([sys.executable, __file__, "--child", name, "--batch", str(args.batch), "--length",
-                               str(args.length), "--steps", str(args.steps)], capture_output=True, text=True)
+                               str(args.length), "--steps", str(args.steps)]
+                              + (["--tokenizer", args.tokenizer] if args.tokenizer else []), capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
             print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)

@@ -2,11 +2,13 @@
 # The GPU checks (under 8 minutes): what the CPU cannot show. Run on a lent GPU machine from the repository root,
 # with .gpu/ carried beside the checkout (see docs/gpu.md for how it is built: wheels missing from the GPU image,
 # all-MiniLM-L6-v2 stored in fp16 to fit the transfer limit, the NFCorpus test split). Results go to $OUT.
-# Arguments pick sections (default: scale search study, which fit in 8 minutes): foundation (masks, pretraining and
-# encoding throughput, nDCG at fp32 and bf16, an end-to-end run), objectives (every objective's throughput),
-# finetune (MiniLM fine-tuned on NFCorpus), scale (BERT-base shape, 32 x 512, bf16: every objective's peak memory
-# and samples/s, RetroMAE's batch-preparation share at batch 32, deterministic resume), search (the torch search
-# backend against the CPU, queries/s at 1M x 768), study (the short GPU study: MiniLM, local collections).
+# Arguments pick sections (default: search encode-cache prep32 deterministic memory study, under 8 minutes):
+# foundation (masks, pretraining and encoding throughput, nDCG at fp32 and bf16, an end-to-end run), objectives
+# (every objective's throughput), finetune (MiniLM fine-tuned on NFCorpus), search (the torch search backend against
+# the CPU, queries/s at 1M x 768), encode-cache (encoding with the corpus tokenized once, vs sentence-transformers),
+# prep32 (RetroMAE's batch-preparation share at batch 32), deterministic (an interrupted run resumed with
+# train.deterministic gives the uninterrupted weights), memory (BERT-base shape, 32 x 512, bf16: every objective's
+# peak memory and samples/s), study (the short GPU study: MiniLM, local collections).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -23,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, transformers, accelerate, sentence_transformers, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'sentence-transformers', sentence_transformers.__version__, 'datasets', datasets.__version__)"
 mkdir -p .gpu/nfcorpus && gunzip -kf .gpu/nfcorpus/corpus.jsonl.gz
 
-sections=${*:-scale search study}
+sections=${*:-search encode-cache prep32 deterministic memory study}
 want() { [[ " $sections " == *" $1 "* ]]; }
 
 if want foundation; then
@@ -65,11 +67,12 @@ timeout 240 python3 -m retromae finetune finetune/nfcorpus_small.yaml model.name
   train.logging_steps=10 2>&1 | tr '\r' '\n' | grep -a "^step\|rror" | tee "$OUT/finetune_run.txt"
 timeout 120 python3 scripts/gpu_checks.py ndcg /tmp/gpu_ft/model .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/finetune_ndcg.txt"
 fi
-if want scale; then
-log "BERT-base shape (random init), 32 x 512, bf16: peak memory and samples/s of every objective"
-timeout 200 python3 scripts/bench_memory.py --batch 32 --length 512 --steps 4 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_memory_gpu.txt"
-log "RetroMAE batch-preparation share at batch 32 (collate in 2 DataLoader workers)"
+if want prep32; then
+log "RetroMAE batch-preparation share at batch 32"
 timeout 90 python3 scripts/bench_pretrain.py --device cuda --precision bf16 --rounds 2 --steps 5 --batch 32 --model .gpu/minilm 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_pretrain_b32.txt"
+fi
+
+if want deterministic; then
 log "resume on CUDA with train.deterministic=true: interrupted at step 3, resumed, the same weights"
 for run in straight stopped resumed; do
   extra=""; [ $run = stopped ] && extra="train.stop_at_step=3"; [ $run = resumed ] && extra="train.resume=latest"
@@ -83,14 +86,22 @@ a = s.load_file('/tmp/gpu_det_straight/model/model.safetensors'); b = s.load_fil
 print('deterministic resume on CUDA: identical weights:', all(torch.equal(a[k], b[k]) for k in a), 'max diff', max((a[k] - b[k]).abs().max().item() for k in a))" | tee "$OUT/deterministic_resume.txt"
 fi
 
+if want memory; then
+log "BERT-base shape (random init), 32 x 512, bf16: peak memory and samples/s of every objective"
+timeout 200 python3 scripts/bench_memory.py --batch 32 --length 512 --steps 4 --tokenizer .gpu/minilm 2>&1 | grep -v "Loading weights\|warn" | tee "$OUT/bench_memory_gpu.txt"
+fi
+
 if want search; then
 log "the torch search backend: NFCorpus GPU fp16 vs CPU fp32, queries/s at 1M x 768"
 timeout 150 python3 scripts/gpu_checks.py search .gpu/minilm .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/search.txt"
 fi
 
-if want study; then
+if want encode-cache; then
 log "encoding with a warm tokenized-corpus cache vs sentence-transformers, default precisions"
 timeout 100 python3 scripts/bench_encode.py --device cuda --batch-size 128 --rounds 2 --no-compile --model .gpu/minilm --nfcorpus .gpu/nfcorpus 2>&1 | grep -v "Loading weights" | tee "$OUT/bench_encode_cache.txt"
+fi
+
+if want study; then
 log "the short GPU study (MiniLM, continued pretraining on the local corpora, fine-tuning on NFCorpus, local collections)"
 timeout 200 python3 -m retromae study study/gpu_short.yaml output_dir=/tmp/gpu_study data_root=.gpu 2>&1 | tr '\r' '\n' | grep -a "^|\|arm\|rror" | tee "$OUT/study_gpu.txt"
 fi
