@@ -103,6 +103,7 @@ fi
 
 if want study; then
 log "the short GPU study (MiniLM, continued pretraining on the local corpora, fine-tuning on NFCorpus, local collections)"
-timeout 200 python3 -m retromae study study/gpu_short.yaml output_dir=/tmp/gpu_study data_root=.gpu 2>&1 | tr '\r' '\n' | grep -a "^|\|arm\|rror" | tee "$OUT/study_gpu.txt"
+timeout 300 python3 -m retromae study study/gpu_short.yaml output_dir=/tmp/gpu_study model=.gpu/minilm data_root=.gpu/beir \
+  mine=.gpu/beir/nfcorpus 'pretrain_overrides=[model.name_or_path=.gpu/minilm, train.per_device_batch_size=64, "data.corpus=[.gpu/beir/nfcorpus/corpus.jsonl]"]' 2>&1 | tr '\r' '\n' | grep -a "^|\|arm\|rror" | tee "$OUT/study_gpu.txt"
 fi
 log "done"
