@@ -275,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retromae: error: {err}", file=sys.stderr)
         return 2
     finally:
-        _end_process_group()
+        end_process_group()
     return 0
 
 
-def _end_process_group() -> None:
+def end_process_group() -> None:
     """Destroy the launch's process group once the command is done (not before: exports and final barriers use it;
     accelerate's end_training would destroy it too early)."""
     import torch.distributed as dist

@@ -72,7 +72,17 @@ def st_model(tmp_path_factory, tiny_model):
     return path
 
 
-def accelerate_launch(args: list[str], processes: int = 2, port: int = 29500, cwd=None, timeout: int = 600,
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launch's rendezvous (a fixed port can still be held by an earlier
+    launch's store, or by another program on the CI machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(args: list[str], processes: int = 2, port: int | None = None, cwd=None, timeout: int = 600,
                       extra: list[str] = ()):
     """`accelerate launch --multi_gpu --num_processes N ...` on the CPU (gloo), as a user runs it; the result of
     subprocess.run. `args` follow the launcher (e.g. ["-m", "retromae", "pretrain", ...])."""
@@ -82,7 +92,7 @@ def accelerate_launch(args: list[str], processes: int = 2, port: int = 29500, cw
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), *extra, *args]
+               "--main_process_port", str(port or free_port()), *extra, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 

@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, free_port
 
 PROBE = Path(__file__).resolve().parent / "helpers" / "ddp_probe.py"
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -70,16 +70,21 @@ def test_two_processes_accumulating_two_micro_batches_equal_one(one_process, tin
 @pytest.mark.slow
 def test_two_machines_equal_one_process(one_process, tiny_model, corpus_file, tmp_path):
     """The README's multi-node launch, as 2 machines x 1 process on localhost."""
-    machines = []
+    machines, port = [], str(free_port())
     for rank in range(2):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", "29527",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                    "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE),
                    str(tiny_model), str(corpus_file), str(tmp_path / "nodes"), "4"]
-        machines.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         cwd=tmp_path))
-    outputs = [m.communicate(timeout=600) for m in machines]
-    assert all(m.returncode == 0 for m in machines), [o[1][-3000:] for o in outputs]
+        # each machine's output goes to a file: a pipe read only after the other machine is done could fill up and
+        # stall this machine in its next write, and with it the other machine in their next collective
+        log = open(tmp_path / f"machine{rank}.log", "w")
+        machines.append((subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), log))
+    for machine, log in machines:
+        machine.wait(timeout=600)
+        log.close()
+    logs = [(tmp_path / f"machine{rank}.log").read_text()[-3000:] for rank in range(2)]
+    assert all(machine.returncode == 0 for machine, _ in machines), logs
     compare(one_process, tmp_path / "nodes")
 
 

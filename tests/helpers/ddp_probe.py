@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_config  # noqa: E402
 from retromae.pretrain import build_batches, build_objective  # noqa: E402
+from retromae.cli import end_process_group  # noqa: E402
 from retromae.trainer import Trainer, make_accelerator  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def main(model_dir: str, corpus: str, out: str, per_device: int, accumulation: i
         safetensors.torch.save_file({**grads, **final}, str(Path(out) / "tensors.safetensors"))
         (Path(out) / "record.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retromae.finetune.run import build_batches, build_bi_encoder, load_finetune_config  # noqa: E402
+from retromae.cli import end_process_group  # noqa: E402
 from retromae.trainer import Trainer, make_accelerator  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def main(model_dir: str, train: str, out: str, per_device: int, grad_cache: int 
                   "num_processes": accelerator.num_processes}
         (Path(out) / "record.json").write_text(json.dumps(record))
     accelerator.wait_for_everyone()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_config  # noqa: E402
 from retromae.pretrain import build_batches, build_objective  # noqa: E402
+from retromae.cli import end_process_group  # noqa: E402
 from retromae.trainer import Trainer, make_accelerator  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(model_dir, corpus, out, per_device, objective, dtype="float32"):
         means = {n: (totals[i] / counts[n]).item() for i, n in enumerate(names)}
         (Path(out) / "record.json").write_text(json.dumps({"means": means, "num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()
+    end_process_group()
 
 
 if __name__ == "__main__":
