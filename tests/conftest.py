@@ -74,12 +74,21 @@ def st_model(tmp_path_factory, tiny_model):
 
 def free_port() -> int:
     """A TCP port nothing listens on now, for a launch's rendezvous (a fixed port can still be held by an earlier
-    launch's store, or by another program on the CI machine)."""
+    launch's store, or by another program on the CI machine). Drawn below the kernel's ephemeral range (32768 and
+    up): a client that connects to an ephemeral port before its server listens can be handed that same port as
+    its own source port and end up connected to itself."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32000")
 
 
 def accelerate_launch(args: list[str], processes: int = 2, port: int | None = None, cwd=None, timeout: int = 600,

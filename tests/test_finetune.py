@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import BEIR
+from conftest import BEIR, free_port
 from retromae.data.corpus import CorpusError
 from retromae.demo import docstring_corpus, split_first_sentence, write_retrieval_task
 from retromae.finetune.data import load_training_data, sample_group
@@ -117,7 +117,7 @@ def launch(args, processes, tmp_path, port):
 def test_cross_device_negatives_two_processes_equal_one(tiny_model, tevatron_file, tmp_path):
     # float64: the check is then exact to 1e-12 (see the probe's docstring for why float32 is not enough here)
     launch([str(tiny_model), str(tevatron_file), str(tmp_path / "one"), "8", "0", "float64"], 1, tmp_path, 0)
-    launch([str(tiny_model), str(tevatron_file), str(tmp_path / "two"), "4", "0", "float64"], 2, tmp_path, 29523)
+    launch([str(tiny_model), str(tevatron_file), str(tmp_path / "two"), "4", "0", "float64"], 2, tmp_path, free_port())
     one = json.loads((tmp_path / "one" / "record.json").read_text())
     two = json.loads((tmp_path / "two" / "record.json").read_text())
     assert (one["num_processes"], two["num_processes"], one["queries"], two["queries"]) == (1, 2, 8, 8)

@@ -59,7 +59,7 @@ def compare(one: Path, two: Path, naive_differs: bool = True, weight_atol: float
 def test_two_processes_accumulating_two_micro_batches_equal_one(one_process, tiny_model, corpus_file, tmp_path):
     """1 process x 8 texts x 1 micro-batch == 2 processes x 2 texts x 2 micro-batches."""
     done = accelerate_launch([str(PROBE), str(tiny_model), str(corpus_file), str(tmp_path / "two"), "2", "2"],
-                             port=29517, cwd=tmp_path)
+                             cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     # gradients as strictly as ever; the weights after 3 AdamW steps within 2% of the largest move (3 x lr 2e-2):
     # summing four micro-batches in another order leaves ~1e-9 differences in gradients near Adam's epsilon, and
@@ -79,16 +79,24 @@ def test_two_machines_equal_one_process(one_process, tiny_model, corpus_file, tm
         # each machine's output goes to a file: a pipe read only after the other machine is done could fill up and
         # stall this machine in its next write, and with it the other machine in their next collective
         log = open(tmp_path / f"machine{rank}.log", "w")
-        machines.append((subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path), log))
+        machines.append((subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                          start_new_session=True), log))
+    deadline = time.monotonic() + 600
+    while any(m.poll() is None for m, _ in machines) and time.monotonic() < deadline:
+        if any(m.poll() not in (None, 0) for m, _ in machines):
+            break  # one machine failed: the other would only wait for it
+        time.sleep(0.2)
     for machine, log in machines:
-        machine.wait(timeout=600)
+        if machine.poll() is None:
+            os.killpg(machine.pid, signal.SIGKILL)
+            machine.wait()
         log.close()
     logs = [(tmp_path / f"machine{rank}.log").read_text()[-3000:] for rank in range(2)]
     assert all(machine.returncode == 0 for machine, _ in machines), logs
     compare(one_process, tmp_path / "nodes")
 
 
-def pretrain(tiny_model, corpus_file, out: Path, port: int, *extra: str, fault: str | None = None, popen=False):
+def pretrain(tiny_model, corpus_file, out: Path, *extra: str, fault: str | None = None, popen=False):
     args = ["-m", "retromae", "pretrain", str(Path(__file__).resolve().parents[1] / "pretrain" /
                                              "retromae_nfcorpus_small.yaml"),
             f"model.name_or_path={tiny_model}", f"data.corpus=[{corpus_file}]", "data.max_len=64",
@@ -98,34 +106,37 @@ def pretrain(tiny_model, corpus_file, out: Path, port: int, *extra: str, fault: 
     env = {**ENV, **({"RETROMAE_FAULT": fault} if fault else {})}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), *args]
+               str(free_port()), *args]
     if popen:
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_model, corpus_file, tmp_path):
-    straight = pretrain(tiny_model, corpus_file, tmp_path / "straight", 29531)
+    straight = pretrain(tiny_model, corpus_file, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-4000:]
     out = tmp_path / "killed"
     # 1. SIGKILL halfway through writing checkpoint 10 (the state is saved, nothing renamed yet)
-    first = pretrain(tiny_model, corpus_file, out, 29532, fault="checkpoint:10")
+    first = pretrain(tiny_model, corpus_file, out, fault="checkpoint:10")
     assert first.returncode != 0 and (out / "checkpoints" / ".checkpoint-10.tmp").is_dir()
     assert not (out / "checkpoints" / "checkpoint-10").exists()
     # 2. resumed from checkpoint 5, then SIGKILL (the launcher and both processes) at a random moment after
     #    checkpoint 15, well before the end
-    run = pretrain(tiny_model, corpus_file, out, 29533, "train.resume=latest", popen=True)
+    run = pretrain(tiny_model, corpus_file, out, "train.resume=latest", popen=True)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "checkpoint-15").is_dir() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))
+    assert (out / "checkpoints" / "checkpoint-15").is_dir(), "the resumed run reached checkpoint 15"
+    delay = random.Random(os.getpid()).uniform(0.0, 0.3)
+    print(f"killing {delay:.3f} s after checkpoint 15")  # shown by pytest if the test fails, to reproduce it
+    time.sleep(delay)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=60)
     assert not (out / "model").exists(), "the run was killed before its end"
     # 3. resumed to the end
-    last = pretrain(tiny_model, corpus_file, out, 29534, "train.resume=latest")
+    last = pretrain(tiny_model, corpus_file, out, "train.resume=latest")
     assert last.returncode == 0, last.stderr[-4000:]
     a = safetensors.torch.load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))

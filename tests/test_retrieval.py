@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BEIR
+from conftest import BEIR, free_port
 from retromae.data.corpus import CorpusError
 from retromae.demo import docstring_corpus, write_retrieval_task
 from retromae.retrieval.data import load_dataset, write_trec_run
@@ -101,7 +101,8 @@ def test_msmarco_folder_and_trec_run(tmp_path):
     data = load_dataset(str(tmp_path), title_separator=" [SEP] ")
     assert data.queries == {"10": "what is first"} and data.qrels == {"10": {"0": 1}}
     assert data.passages(" [SEP] ")[1][:2] == ["Title Zero [SEP] first passage", "second passage"]
-    (tmp_path / "para.title.tsv").write_text("0\tTitle Zero\n2\t-\n")
+    # another length, so the collection cache (keyed by path, size and time) cannot take it for the first file
+    (tmp_path / "para.title.tsv").write_text("0\tTitle Zero\n2\tTitle Two\n")
     with pytest.raises(CorpusError, match=r"para\.title\.tsv: its rows do not follow '1' of the collection"):
         load_dataset(str(tmp_path))
     (tmp_path / "para.title.tsv").unlink()
@@ -138,7 +139,7 @@ def test_shards_of_two_processes_equal_one_process(task, st_model, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29519", "-m", "retromae", "encode", "--model", str(st_model), "--corpus", str(task), "--output",
+               str(free_port()), "-m", "retromae", "encode", "--model", str(st_model), "--corpus", str(task), "--output",
                str(tmp_path / "two"), "--passage-max-len", "64", "--precision", "no"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -163,7 +164,7 @@ def test_evaluate_suite_under_two_processes_equals_one(task, st_model, tmp_path)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29521", "-m", "retromae"]
+              str(free_port()), "-m", "retromae"]
     done = subprocess.run(launch + ["evaluate", "--model", str(st_model), "--suite", str(suite_file), "--output",
                                     str(tmp_path / "two.md")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -88,7 +88,8 @@ def test_torch_search_equals_faiss_flat():
     np.testing.assert_allclose(torch_scores, faiss_scores, rtol=1e-5, atol=1e-4)
     half = TorchExact(docs, [torch.device("cpu")], dtype=torch.bfloat16).search(queries, 50)
     assert np.mean([len(set(a) & set(b)) / 50 for a, b in zip(half[1], faiss_positions)]) > 0.9
-    np.testing.assert_allclose(half[0], faiss_scores, atol=0.1)  # bf16 rounding of 32-dim products of ~N(0,1)
+    # bf16 rounding (8 bits of mantissa) of 32-dim products of ~N(0,1): relative to the score, plus a little
+    np.testing.assert_allclose(half[0], faiss_scores, rtol=2 ** -7, atol=0.05)
 
 
 def test_merged_shards_equal_one_search():
