@@ -225,8 +225,11 @@ def test_bm25_on_nfcorpus_is_close_to_pyserini():
 
 def test_a_corpus_is_tokenized_once(task, st_model, monkeypatch):
     """Encoding a collection twice tokenizes it once: the second time reads the token cache, and gives the same
-    vectors as tokenizing on the fly."""
+    vectors as tokenizing on the fly (the cache built 7 texts at a time, as it builds a block in chunks)."""
+    from retromae.retrieval import token_cache
     from retromae.retrieval.encoder import Window
+
+    monkeypatch.setattr(token_cache, "TOKENIZE_CHUNK", 7)
 
     data = load_dataset(str(task))
     _, texts = data.passages(" ")

@@ -21,6 +21,7 @@ import numpy as np
 from retromae.retrieval.collection import cache_root
 
 BLOCK = 1 << 16
+TOKENIZE_CHUNK = 4096  # texts tokenized at once while a block is built
 
 
 class TokenCache:
@@ -59,9 +60,16 @@ class TokenCache:
     def _write(self, texts, lo: int, hi: int, path: Path) -> None:
         import pyarrow as pa
 
-        ids = self.tokenizer([self.prefix + t for t in texts[lo:hi]], truncation=True, max_length=self.max_len,
-                             add_special_tokens=True)["input_ids"]
-        table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
+        # A few thousand texts at a time: the tokenizer's output objects (tokens, offsets, masks: kilobytes per
+        # text) of a whole block would peak at ~800 MB; the block's ids themselves are ~4 bytes a token.
+        chunks = []
+        for start in range(lo, hi, TOKENIZE_CHUNK):
+            texts_chunk = texts[start : min(hi, start + TOKENIZE_CHUNK)]
+            ids = self.tokenizer([self.prefix + t for t in texts_chunk], truncation=True, max_length=self.max_len,
+                                 add_special_tokens=True, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+            chunks.append(pa.array(ids, type=pa.list_(pa.int32())))
+        table = pa.table({"input_ids": pa.concat_arrays(chunks)})  # one record batch: read back without a copy
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
