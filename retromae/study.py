@@ -188,12 +188,15 @@ def summarize(cfg: StudyConfig, cells: list[dict], baselines: dict) -> dict:
                          "average": {"mean": statistics.mean(rows[d][metric] for d in datasets if d in rows)
                                      if any(d in rows for d in datasets) else None, "std": None, "n": 1}}
                   for name, rows in baselines.items()}
-    header = "| arm | seeds | " + " | ".join(datasets + ["average"]) + " |\n|---|---:|" + "---:|" * (len(datasets) + 1)
+    control = next((arm.name for arm in cfg.arms if arm.objective is None and arm.name in summary), None)
+    header = ("| arm | seeds | " + " | ".join(datasets + ["average"]) + " | average − control |\n|---|---:|"
+              + "---:|" * (len(datasets) + 2))
     lines = [header]
     for name, values in list(references.items()) + list(summary.items()):
         seeds = values["average"]["n"]
         label = {"bm25": "BM25 (reference)", "initial": f"{cfg.model}, untouched (reference)"}.get(name, name)
-        lines.append(f"| {label} | {seeds} | " + " | ".join(_cell(values[d]) for d in datasets + ["average"]) + " |")
+        lines.append(f"| {label} | {seeds} | " + " | ".join(_cell(values[d]) for d in datasets + ["average"])
+                     + f" | {_difference(values['average'], summary[control]['average'] if control else None)} |")
     return {"name": cfg.name, "metric": metric, "datasets": datasets, "arms": summary, "references": references,
             "cells": cells, "table": f"### {cfg.name}: {metric}, mean ± std over seeds\n\n" + "\n".join(lines) + "\n"}
 
@@ -212,6 +215,16 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat.get("std") is not None else "")
 
 
+def _difference(stat: dict, control: dict | None) -> str:
+    """The arm's mean minus the control's, and how many of the control's standard deviations that is (the spread
+    of fine-tuning alone, over its seeds): a difference within ~2 of them cannot be told from noise."""
+    if control is None or stat.get("mean") is None or control.get("mean") is None:
+        return "–"
+    difference = stat["mean"] - control["mean"]
+    spread = control.get("std")
+    return f"{difference:+.4f}" + (f" ({difference / spread:+.1f} σ)" if spread else "")
+
+
 def plot(report: dict, path: Path) -> None:
     """nDCG@10 per dataset (groups) and arm (bars, error bars = std over seeds); the control hatched, BM25 a line."""
     import matplotlib
@@ -221,13 +234,15 @@ def plot(report: dict, path: Path) -> None:
 
     datasets = report["datasets"] + ["average"]
     arms = list(report["arms"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(datasets) * (1 + len(arms) * 0.25)), 4.5))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 2.0 + 0.09 * len(datasets) * len(arms))), 4.5))
     width = 0.8 / max(1, len(arms))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: arms do not share one up to 20
     for i, arm in enumerate(arms):
         stats = [report["arms"][arm][d] for d in datasets]
         xs = [k + (i - (len(arms) - 1) / 2) * width for k in range(len(datasets))]
         ax.bar(xs, [s["mean"] or 0 for s in stats], width, yerr=[s["std"] or 0 for s in stats], capsize=2,
-               label=arm, hatch="//" if arm == "control" else None, edgecolor="black", linewidth=0.4)
+               label=arm, hatch="//" if arm == "control" else None, edgecolor="black", linewidth=0.4,
+               color=colors[i % len(colors)])
     for name, style in (("bm25", "--"), ("initial", ":")):
         if name in report["references"]:
             for k, d in enumerate(datasets):
@@ -238,7 +253,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set_ylabel(report["metric"])
     ax.set_title(report["name"])
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -43,6 +43,11 @@ def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task,
         assert (out / name).is_file()
     table = (out / "study.md").read_text()
     assert "BM25 (reference)" in table and "untouched (reference)" in table and "| control | 2 |" in table
+    control, retromae = report["arms"]["control"]["average"], report["arms"]["retromae"]["average"]
+    difference = retromae["mean"] - control["mean"]
+    row = next(line for line in table.splitlines() if line.startswith("| retromae |"))
+    assert row.endswith(f"| {difference:+.4f} ({difference / control['std']:+.1f} σ) |"), row
+    assert next(line for line in table.splitlines() if line.startswith("| control |")).endswith("| +0.0000 (+0.0 σ) |")
     # resume: finished cells are not run again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     (out / "retromae" / "seed1" / "results.json").unlink()  # this cell's models are kept: only evaluated again
