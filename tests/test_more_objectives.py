@@ -269,24 +269,30 @@ def test_tsdae_decoder_reads_one_key_the_pooled_vector_through_tied_causal_layer
         assert moved[batch["attention_mask"][:, :-1].bool()].all(), "every position reads the pooled vector"
 
 
-def test_tsdae_decoder_checkpointing_gives_the_same_loss_and_gradients(tiny_model, docstrings):
-    """Recomputing the decoder's layers in the backward pass (to save memory) changes nothing, dropout included."""
+@pytest.mark.parametrize("name, switch", [("tsdae", "decoder_checkpointing"), ("starbucks", "pair_checkpointing")])
+def test_checkpointing_gives_the_same_losses_and_gradients(tiny_model, docstrings, name, switch):
+    """Recomputing TSDAE's decoder layers, or each Starbucks pair, in the backward pass (to save memory) changes
+    nothing, dropout included."""
     results = []
+    settings = {"pairs": [[1, 16], [2, 32]]} if name == "starbucks" else {}
     for recompute in (False, True):
-        objective, tokenizer = make(tiny_model, "tsdae", decoder_checkpointing=recompute)
+        objective, tokenizer = make(tiny_model, name, **{switch: recompute, **settings})
         objective.train()
         for module in objective.modules():  # dropout on, so the checkpoint must replay the same masks
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.1
         batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:4]], max_len=32))
         torch.manual_seed(3)
-        loss = objective(batch)["decoder"]
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in objective.named_parameters()
-                                         if p.grad is not None}))
-    (loss_plain, grads_plain), (loss_recomputed, grads_recomputed) = results
-    assert torch.equal(loss_plain, loss_recomputed)
-    assert grads_plain.keys() == grads_recomputed.keys() and any(n.startswith("cross_attention.") for n in grads_plain)
+        losses = objective(batch)
+        sum(losses.values()).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}))
+    (losses_plain, grads_plain), (losses_recomputed, grads_recomputed) = results
+    assert losses_plain.keys() == losses_recomputed.keys()
+    for key in losses_plain:
+        torch.testing.assert_close(losses_recomputed[key], losses_plain[key], rtol=1e-6, atol=0.0)
+    own = "cross_attention." if name == "tsdae" else "decoder."
+    assert grads_plain.keys() == grads_recomputed.keys() and any(n.startswith(own) for n in grads_plain)
     for name in grads_plain:
         torch.testing.assert_close(grads_recomputed[name], grads_plain[name], rtol=1e-5, atol=1e-6)
 
