@@ -82,9 +82,10 @@ def shard_search(queries: np.ndarray, shard: Path, first: int, k: int, search: S
     return scores, np.where(positions >= 0, positions + first, -1)
 
 
-def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work: Path, state,
-              depth: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    """Encode, search and merge (see the module docstring); (query ids, scores, positions) on the main process."""
+def encode_corpus_and_queries(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work: Path,
+                              state) -> tuple[list[str], Path, np.ndarray, int]:
+    """This process's shard of the corpus and of the queries encoded into `work`; then every query vector.
+    Returns (query ids, this process's corpus shard file, all query vectors, the shard's first corpus position)."""
     rank, world = state.process_index, state.num_processes
     ids, texts = data.passages(search.title_separator)
     query_ids = list(data.queries)
@@ -93,7 +94,13 @@ def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, w
                  kind="query", show_progress=False)
     state.wait_for_everyone()
     queries = np.concatenate([v for _, v in read_shards(work / "queries")])
-    lo, _ = shard_range(len(ids), rank, world)
+    return query_ids, shard, queries, shard_range(len(ids), rank, world)[0]
+
+
+def dense_run(encoder: TextEncoder, data: RetrievalData, search: SearchConfig, work: Path, state,
+              depth: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """Encode, search and merge (see the module docstring); (query ids, scores, positions) on the main process."""
+    query_ids, shard, queries, lo = encode_corpus_and_queries(encoder, data, search, work, state)
     scores, positions = shard_search(queries, shard, lo, depth, search, encoder.device)
     return _gather_results(query_ids, scores, positions, depth, work, state)
 
@@ -125,18 +132,10 @@ def matryoshka_run(encoder: TextEncoder, data: RetrievalData, search: SearchConf
     """(layer, dim) evaluation: every text encoded once as its vectors at `search.layers`, then every pair scored by
     the first `dim` coordinates of its layer's vector (no re-normalisation), as Starbucks evaluates; {(layer,
     dim): (query ids, scores, positions)} on the main process."""
-    rank, world = state.process_index, state.num_processes
     encoder.with_layers(search.layers)
     width = encoder.dimension // len(search.layers)
-    ids, texts = data.passages(search.title_separator)
-    query_ids = list(data.queries)
-    shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
-    encode_shard(encoder, query_ids, [data.queries[q] for q in query_ids], work / "queries", rank, world,
-                 kind="query", show_progress=False)
-    state.wait_for_everyone()
-    all_queries = np.concatenate([v for _, v in read_shards(work / "queries")])
+    query_ids, shard, all_queries, lo = encode_corpus_and_queries(encoder, data, search, work, state)
     vectors = np.load(shard, mmap_mode="r")
-    lo, _ = shard_range(len(ids), rank, world)
     found = {}
     for i, layer in enumerate(search.layers):
         for dim in search.dims:
