@@ -112,6 +112,16 @@ class Objective(nn.Module):
         return missing, unexpected
 
 
+def maybe_recomputed(enabled: bool, function, *args):
+    """function(*args), under activation checkpointing when `enabled` and gradients are on: only the inputs are
+    kept for the backward pass, which runs `function` again with the same random state (same dropout masks)."""
+    if not (enabled and torch.is_grad_enabled()):
+        return function(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 def full_precision(x: torch.Tensor) -> torch.Tensor:
     """Half-precision activations (autocast) up to fp32 for softmaxes and losses; fp32 / fp64 left as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

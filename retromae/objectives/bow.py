@@ -24,7 +24,8 @@ from retromae.config import ConfigError
 from retromae.distributed import gather, gather_with_grad, world
 from retromae.masking import ENCODER_MASK, ENCODER_RANDOM_IDS, ENCODER_REPLACE, corrupt, whole_word_mask
 from retromae.modeling import base_model, encoder_hidden, mlm_head
-from retromae.objectives.base import full_precision, masked_lm_loss_sum, register, same_document_elsewhere
+from retromae.objectives.base import (full_precision, masked_lm_loss_sum, maybe_recomputed, register,
+                                      same_document_elsewhere)
 from retromae.objectives.dupmae import bag_of_words, bag_of_words_loss_sum
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 
@@ -139,14 +140,11 @@ class BagOfWords(MaskedLM):
         views = [(batch["encoder_input_ids"], batch["encoder_mask"])]
         if self.config.views == 2:
             views.append((batch["second_input_ids"], batch["second_mask"]))
-        run = self.view
-        if self.config.views == 2 and self.config.view_checkpointing and torch.is_grad_enabled():
-            # Two encoder passes would hold twice MLM's activations; under checkpointing each view keeps only its
-            # outputs and is recomputed in the backward pass, one view's activations alive at a time.
-            from torch.utils.checkpoint import checkpoint
-
-            run = lambda *args: checkpoint(self.view, *args, use_reentrant=False)  # noqa: E731
-        outputs = [run(ids, batch["attention_mask"], batch["input_ids"], masked) for ids, masked in views]
+        # Two encoder passes would hold twice MLM's activations; under checkpointing each view keeps only its
+        # outputs and is recomputed in the backward pass, one view's activations alive at a time.
+        recompute = self.config.views == 2 and self.config.view_checkpointing
+        outputs = [maybe_recomputed(recompute, self.view, ids, batch["attention_mask"], batch["input_ids"], masked)
+                   for ids, masked in views]
         log_probs = [lp for _, lp in outputs]
         losses = {"mlm": sum(mlm for mlm, _ in outputs),
                   "bow": sum(bag_of_words_loss_sum(lp, batch["bow_targets"]) for lp in log_probs)}

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from retromae.config import ConfigError
 from retromae.masking import (
@@ -37,7 +36,7 @@ from retromae.masking import (
     word_index,
 )
 from retromae.modeling import base_model, mlm_head, token_embeddings
-from retromae.objectives.base import masked_lm_loss_sum, register
+from retromae.objectives.base import masked_lm_loss_sum, maybe_recomputed, register
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 from retromae.objectives.tsdae import attention_implementation, encoder_layers, layer_attention_mask
 
@@ -153,12 +152,8 @@ class Starbucks(MaskedLM):
         # Six pairs each keep their vocabulary logits and a decoder pass for the backward pass: 1.6x MLM's peak at
         # BERT-base 4 x 512 (measured). Under checkpointing a pair keeps only its inputs (shared by all pairs) and is
         # recomputed in the backward pass, with the same dropout masks (the checkpoint restores the random state).
-        recompute = self.config.pair_checkpointing and torch.is_grad_enabled()
         losses = {}
         for (layer, dim), (mlm, mae) in zip(self.config.pairs, self.config.loss_names()):
-            if recompute:
-                losses[mlm], losses[mae] = checkpoint(self.pair_losses, states[layer], dim, embedded, batch,
-                                                      use_reentrant=False)
-            else:
-                losses[mlm], losses[mae] = self.pair_losses(states[layer], dim, embedded, batch)
+            losses[mlm], losses[mae] = maybe_recomputed(self.config.pair_checkpointing, self.pair_losses,
+                                                        states[layer], dim, embedded, batch)
         return losses

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from retromae.config import ConfigError
 from retromae.masking import delete_words, kept_layout, maskable_positions, word_index
 from retromae.modeling import base_model, encoder_hidden, mlm_head, token_embeddings
-from retromae.objectives.base import Objective, ObjectiveConfig, masked_lm_loss_sum, register
+from retromae.objectives.base import Objective, ObjectiveConfig, masked_lm_loss_sum, maybe_recomputed, register
 from retromae.objectives.seed import MultiHeadAttention, init_linear_layers
 
 TSDAE_DELETION = 81  # random stream of the word deletion
@@ -137,12 +136,8 @@ class TSDAE(Objective):
         is recomputed in the backward pass (same dropout masks: the checkpoint restores the random state)."""
         x = token_embeddings(self.encoder, batch["input_ids"][:, :-1])
         mask = layer_attention_mask(self.encoder.config, batch["decoder_visible"])
-        recompute = self.config.decoder_checkpointing and torch.is_grad_enabled()
         for layer, cross in zip(encoder_layers(self.encoder), self.cross_attention):
-            if recompute:
-                x = checkpoint(decoder_layer, layer, cross, x, mask, vector, use_reentrant=False)
-            else:
-                x = decoder_layer(layer, cross, x, mask, vector)
+            x = maybe_recomputed(self.config.decoder_checkpointing, decoder_layer, layer, cross, x, mask, vector)
         return x
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
