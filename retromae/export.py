@@ -10,7 +10,7 @@ import safetensors.torch
 
 from retromae.config import dump_yaml
 from retromae.io import atomic_directory
-from retromae.modeling import base_model, heads_path, quiet_loading
+from retromae.modeling import heads_path, quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        write_encoder(base_model(objective.encoder), tokenizer, tmp, max_seq_length, pooling)
+        write_encoder(objective.arch.body, tokenizer, tmp, max_seq_length, pooling)
         heads = Path(heads_path(str(tmp)))
         heads.parent.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(objective.heads_state_dict(), str(heads), metadata={"objective": objective.name})
@@ -68,7 +68,7 @@ def export_bi_encoder(bi_encoder, tokenizer, out_dir: str | Path, run_config=Non
     prompts = {"query_prefix": query_prefix, "passage_prefix": passage_prefix}
     with atomic_directory(out_dir) as tmp:
         if cfg.representation == "dupmae":  # the body, plus dupmae/ (MLM head, W) for `--representation dupmae`
-            write_encoder(base_model(bi_encoder.encoder.mlm), tokenizer, tmp, max_seq_length, "cls", False, **prompts)
+            write_encoder(bi_encoder.encoder.arch.body, tokenizer, tmp, max_seq_length, "cls", False, **prompts)
             bi_encoder.encoder.save(tmp / "dupmae")
             if run_config is not None:
                 dump_yaml(run_config, tmp / "finetune_config.yaml")

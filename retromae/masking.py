@@ -156,21 +156,30 @@ def whole_word_mask(words: torch.Tensor, ratio: float, seeds: torch.Tensor, stre
     return chosen.gather(-1, words.clamp(min=0)) & maskable
 
 
-def per_row_whole_word_masks(words: torch.Tensor, ratio: float, seeds: torch.Tensor, stream: int) -> torch.Tensor:
+def per_row_whole_word_masks(words: torch.Tensor, ratio: float, seeds: torch.Tensor, stream: int,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
     """A fresh whole-word mask for every row of every example: bool (B, L, L), [b, i, j] = column j is masked
-    in row i's mask.
+    in row i's mask; with `rows` (R,), only those rows, (B, R, L), each exactly as in the full mask (a long text's
+    decoder builds its rows a block at a time).
 
     Each word is masked independently with probability `ratio` (the rule of Hugging Face v5's whole-word
     collator; the expected share is `ratio`). The draw is indexed by (row, word), so every piece of a word
     shares it, and rows use a fixed stride, so padding changes nothing. An exact count per row (as the encoder
     mask has) would need a sort of B x L x L keys, 10x the cost of this whole function on a CPU.
     """
+    counters = _row_word_counters(words, rows)
+    return (uniform(seeds, stream, counters) < ratio) & (words >= 0)[:, None, :]
+
+
+def _row_word_counters(words: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(B, R, L) int32 counters indexed by (row, word of the column): the draws of `per_row_*` masks."""
     seq_len = words.shape[1]
     if seq_len > MAX_POSITIONS:
         raise ValueError(f"sequence length {seq_len} exceeds {MAX_POSITIONS}")
-    rows = torch.arange(seq_len, device=words.device, dtype=torch.int32) * MAX_POSITIONS
-    counters = rows[None, :, None] + words.clamp(min=0).to(torch.int32)[:, None, :]
-    return (uniform(seeds, stream, counters) < ratio) & (words >= 0)[:, None, :]
+    if rows is None:
+        rows = torch.arange(seq_len, device=words.device)
+    rows = rows.to(device=words.device, dtype=torch.int32) * MAX_POSITIONS
+    return rows[None, :, None] + words.clamp(min=0).to(torch.int32)[:, None, :]
 
 
 def corrupt(
@@ -224,15 +233,12 @@ def capped_proportional(weights: torch.Tensor, lengths: torch.Tensor, targets: t
 
 
 def per_row_word_masks(words: torch.Tensor, word_probability: torch.Tensor, seeds: torch.Tensor,
-                       stream: int) -> torch.Tensor:
-    """Like `per_row_whole_word_masks`, with a probability per word (B, W) instead of one ratio: bool (B, L, L),
-    [b, i, j] = column j's word is hidden in row i's mask; each (row, word) drawn independently."""
-    seq_len = words.shape[1]
-    if seq_len > MAX_POSITIONS:
-        raise ValueError(f"sequence length {seq_len} exceeds {MAX_POSITIONS}")
-    rows = torch.arange(seq_len, device=words.device, dtype=torch.int32) * MAX_POSITIONS
+                       stream: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Like `per_row_whole_word_masks`, with a probability per word (B, W) instead of one ratio: bool (B, L, L)
+    (or (B, R, L) for `rows`), [b, i, j] = column j's word is hidden in row i's mask; each (row, word) drawn
+    independently."""
     column_word = words.clamp(min=0)
-    counters = rows[None, :, None] + column_word.to(torch.int32)[:, None, :]
+    counters = _row_word_counters(words, rows)
     threshold = word_probability.gather(-1, column_word)[:, None, :]
     return (uniform(seeds, stream, counters) < threshold) & (words >= 0)[:, None, :]
 

@@ -1,4 +1,6 @@
-"""Loading a BERT-like masked-language model and reaching its parts in a model-agnostic way."""
+"""Loading an encoder (masked-LM model or body) and its tokenizer, from a folder, the hub or a package.
+
+What a loaded model's parts are (embeddings, layers, MLM head ...) is `retromae.architectures`' business."""
 
 from __future__ import annotations
 
@@ -9,16 +11,14 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from retromae.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Where Hugging Face MLM classes keep their prediction head (BERT-likes: cls; RoBERTa-likes: lm_head;
-# ALBERT: predictions). The head maps hidden states to vocabulary logits, with the decoder tied to the
-# input word embeddings.
-_HEAD_ATTRIBUTES = ("cls", "lm_head", "predictions")
+# Config attributes that hold a dropout probability, across families (BERT, DistilBERT, ModernBERT, EuroBERT ...).
+_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "mlp_dropout",
+             "embedding_dropout")
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer id or folder (default: name_or_path)
     revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only if you trust it)
-    attn_implementation: str | None = "sdpa"  # sdpa | eager | flash_attention_2 (null: transformers' default)
+    attn_implementation: str | None = "auto"  # auto (sdpa where the family has it, else eager) | sdpa | eager | flash_attention_2
     dropout: float | None = None  # override hidden and attention dropout (0 makes runs deterministic)
     gradient_checkpointing: bool = False  # recompute encoder activations in the backward pass to save memory
 
@@ -144,13 +144,14 @@ def load_pretrained(auto_class, cfg: ModelConfig):
     config = from_pretrained(AutoConfig, cfg.name_or_path, revision=cfg.revision,
                              trust_remote_code=cfg.trust_remote_code)
     if cfg.dropout is not None:
-        for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        for attr in _DROPOUTS:
             if hasattr(config, attr):
                 setattr(config, attr, cfg.dropout)
+    from retromae.architectures import attention_for
+
     kwargs = {"config": config, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
-              "dtype": torch.float32, "output_loading_info": True}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+              "dtype": torch.float32, "output_loading_info": True,
+              "attn_implementation": attention_for(config, cfg.attn_implementation)}
     model, info = from_pretrained(auto_class, cfg.name_or_path, **kwargs)
     _report_loading(model, info, cfg.name_or_path)
     if cfg.gradient_checkpointing:
@@ -162,10 +163,10 @@ def _report_loading(model, info: dict, name: str) -> None:
     """One line for what transformers would print as a table: a head that starts fresh is expected (an encoder-only
     or sentence-transformers checkpoint has none); other missing weights are worth a warning."""
     # the pooler is never used here (retrieval reads the last hidden states; fine-tuning drops it)
-    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
-    head = tuple(f"{a}." for a in _HEAD_ATTRIBUTES)
-    fresh_head = [k for k in missing if k.startswith(head)]
-    other = [k for k in missing if not k.startswith(head)]
+    missing = sorted(k for k in info.get("missing_keys") or [] if "pooler." not in k)
+    body = model.base_model_prefix + "."
+    fresh_head = [k for k in missing if model.base_model is not model and not k.startswith(body)]
+    other = [k for k in missing if k not in fresh_head]
     if fresh_head:
         logger.info("%s has no MLM head: a fresh one is initialised (its output matrix tied to the word embeddings)",
                     name)
@@ -180,48 +181,6 @@ def load_masked_lm(cfg: ModelConfig):
     from transformers import AutoModelForMaskedLM
 
     return load_pretrained(AutoModelForMaskedLM, cfg)
-
-
-def base_model(mlm) -> nn.Module:
-    """The transformer body of an MLM model (no head): BertModel inside BertForMaskedLM, etc."""
-    return getattr(mlm, mlm.base_model_prefix)
-
-
-def mlm_head(mlm) -> nn.Module:
-    """The module that maps hidden states to vocabulary logits."""
-    for name in _HEAD_ATTRIBUTES:
-        head = getattr(mlm, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise ConfigError(
-        f"model class {type(mlm).__name__} keeps its MLM head under none of {', '.join(_HEAD_ATTRIBUTES)}; "
-        "use a BERT- or RoBERTa-like masked language model"
-    )
-
-
-def encoder_hidden(mlm, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final-layer hidden states of the encoder body, (B, L, D)."""
-    return base_model(mlm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def position_embeddings(mlm, seq_len: int, device) -> torch.Tensor:
-    """Absolute position embeddings p_0 .. p_{L-1}, (L, D), as the encoder adds them to token embeddings."""
-    embeddings = base_model(mlm).embeddings
-    table = getattr(embeddings, "position_embeddings", None)
-    if table is None:
-        raise ConfigError(
-            f"{type(mlm).__name__} has no absolute position embeddings, which the decoder's query stream needs"
-        )
-    positions = torch.arange(seq_len, device=device)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    if padding_idx is not None:  # RoBERTa-likes count positions from padding_idx + 1
-        positions = positions + padding_idx + 1
-    return table(positions)
-
-
-def token_embeddings(mlm, input_ids: torch.Tensor) -> torch.Tensor:
-    """The encoder's embedding layer applied to ids (word + position + type, normalised), (B, L, D)."""
-    return base_model(mlm).embeddings(input_ids=input_ids)
 
 
 def heads_path(model_dir: str) -> str:

@@ -122,7 +122,22 @@ def preflight(cfg: PretrainConfig) -> None:
     check_model_source(cfg.model.name_or_path)
     if cfg.model.tokenizer:
         check_model_source(cfg.model.tokenizer, "model.tokenizer")
+    check_family(cfg)
     check_sources(list(cfg.data.corpus), cfg.data.format)
+
+
+def check_family(cfg: PretrainConfig) -> None:
+    """The model's family is one this toolkit knows and the attention implementation asked for exists for it: read
+    off the model's config alone, before any weight loads."""
+    from transformers import AutoConfig
+
+    from retromae.architectures import attention_for, family_of
+    from retromae.modeling import from_pretrained
+
+    config = from_pretrained(AutoConfig, cfg.model.name_or_path, revision=cfg.model.revision,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    family_of(config)
+    attention_for(config, cfg.model.attn_implementation)
 
 
 def run(cfg: PretrainConfig) -> dict:

@@ -27,7 +27,13 @@ SEED-Encoder, CoT-MAE, RetroMAE with the PMI decoder or MAE-LM's encoder side, T
 coCondenser, Starbucks SMAE). CoT-MAE reads each block as a document (its ordinary tokens, sentences ending at '.');
 the PMI decoder gets token counts of the benchmark's own texts as its corpus statistics.
 
+With --arch FAMILY (modernbert, deberta-v3, eurobert, gte ...; any of retromae.tiny.FAMILIES), the model is a random
+one of that family at the same size (6 layers of 384, 6 heads, all-MiniLM-L6-v2's tokenizer and vocabulary), with the
+family's usual settings (ModernBERT: a global layer every third, the others a 128-token window; DeBERTa-v3: 256
+relative buckets, no absolute positions), and Hugging Face's MLM is that family's own masked-LM class.
+
 Usage: python scripts/bench_pretrain.py [--rounds 3] [--steps 3] [--precision auto|no|bf16] [--objectives all]
+                                        [--arch modernbert]
 """
 
 from __future__ import annotations
@@ -91,10 +97,32 @@ OBJECTIVES = {
 }
 
 
-def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str, token_counts: torch.Tensor):
-    from transformers import AutoModelForMaskedLM
+# The families' usual settings where they differ from the tiny test models' (retromae.tiny).
+FAMILY_SETTINGS = {"modernbert": {"local_attention": 128, "global_attn_every_n_layers": 3},
+                   "deberta-v3": {"position_buckets": 256}, "deberta-v2": {"position_buckets": 256}}
 
-    encoder = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+
+def family_model(family: str, tokenizer, folder: str, max_positions: int) -> str:
+    """A random model of `family` at all-MiniLM-L6-v2's size (6 x 384) with its tokenizer, saved in `folder`."""
+    from retromae.tiny import save_random_model
+
+    save_random_model(folder, tokenizer, family, hidden=384, layers=6, heads=6, max_positions=max_positions,
+                      **FAMILY_SETTINGS.get(family, {}))
+    return folder
+
+
+def load_mlm(model_dir: str):
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from retromae.architectures import attention_for
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation=attention_for(config),
+                                                dtype=torch.float32)
+
+
+def make_trainer(name: str, model_dir: str, tokenizer, accelerator, precision: str, token_counts: torch.Tensor):
+    encoder = load_mlm(model_dir)
     spec = OBJECTIVES[name]
     objective = objective_class(spec["name"])(encoder, tokenizer, build_objective_config(spec))
     if hasattr(objective, "attach_corpus_statistics"):
@@ -151,6 +179,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2 from its package)")
+    parser.add_argument("--arch", default=None, help="a random model of this family instead (e.g. modernbert)")
     parser.add_argument("--objectives", default="retromae,mlm",
                         help=f"comma-separated, or 'all': {', '.join(OBJECTIVES)}")
     parser.add_argument("--markdown", default=None, help="also write the table here (Markdown)")
@@ -160,12 +189,17 @@ def main() -> None:
         names.insert(0, "retromae")  # the ratio and the preparation share are RetroMAE's
 
     import transformers
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
     transformers.logging.set_verbosity_error()
     precision = resolve_precision(args.precision, args.device)
     model_dir = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if args.arch:
+        import tempfile
+
+        model_dir = family_model(args.arch, tokenizer, tempfile.mkdtemp(prefix=f"bench-{args.arch}-"),
+                                 max(512, args.length))
     hf_examples = load_features(tokenizer, args.length, args.batch * (args.rounds * args.steps + 1))
     examples = [row["input_ids"] for row in hf_examples]
     batches = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
@@ -180,8 +214,7 @@ def main() -> None:
     ours = {name: make_trainer(name, model_dir, tokenizer, accelerator, precision, token_counts) for name in names}
 
     # Hugging Face's standard MLM, as its users run it (whole-word masking needs offset mappings).
-    hf_model = AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    hf_model = hf_model.to(device).train()
+    hf_model = load_mlm(model_dir).to(device).train()
     hf_optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-5)
     hf_collator = DataCollatorForLanguageModeling(tokenizer, whole_word_mask=True, mlm_probability=0.3)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -231,7 +264,7 @@ def main() -> None:
         print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()), flush=True)
 
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"\nmodel all-MiniLM-L6-v2 architecture (6 x 384), batch {args.batch} x {args.length}, "
+    print(f"\nmodel {args.arch or 'all-MiniLM-L6-v2'} architecture (6 x 384), batch {args.batch} x {args.length}, "
           f"precision {precision}, device {device}, {torch.get_num_threads()} threads")
     print(f"{'contender':<22}{'samples/s (median)':>20}{'vs hf-mlm':>12}")
     for k, v in medians.items():

@@ -11,7 +11,7 @@ import torch
 from conftest import BEIR, tiny_config
 from retromae.config import ConfigError
 from retromae.data.batches import collate
-from retromae.modeling import ModelConfig, base_model, load_masked_lm, load_tokenizer, mlm_head
+from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
 from retromae.objectives import build_objective_config, objective_class
 from retromae.rng import example_seeds
 
@@ -68,7 +68,7 @@ def test_seed_decoder_output_ignores_tokens_outside_its_window(tiny_model, docst
     objective, tokenizer = make(tiny_model, "seed", decoder_layers=layers)
     objective.double()  # float64: a change three attention hops away is tiny at initialisation, but not zero
     batch = objective.prepare(batch_of(tokenizer, [docstrings[3]["text"]], max_len=24))
-    assert not any(isinstance(m, torch.nn.Embedding) for m in objective.decoder_layers.modules())
+    assert not any(isinstance(m, torch.nn.Embedding) for m in objective.decoder.modules())
     h = torch.randn(1, objective.encoder.config.hidden_size, dtype=torch.float64)
     with torch.no_grad():
         base = objective.decode(h, batch)[0]
@@ -198,7 +198,7 @@ def test_pmi_masks_hide_high_pmi_words_more_often_at_the_same_ratio(tiny_model, 
         prepared = objective.prepare(dict(batch))
         if decoding == "enhanced":
             eye = torch.eye(ids.shape[1], dtype=torch.bool)
-            hidden = ~prepared["decoder_visible"] & ~eye & (prepared["words"] >= 0)[:, None, :]
+            hidden = ~objective.visibility(prepared) & ~eye & (prepared["words"] >= 0)[:, None, :]
             rows = (prepared["words"] >= 0)[:, :, None].expand_as(hidden)
             by_column = (hidden & rows).sum((0, 1)).float() / rows.sum((0, 1)).clamp(min=1)
         else:
@@ -309,7 +309,7 @@ def test_removed_positions_never_reach_the_encoder(tiny_model, docstrings, name,
     removed = batch["removed"] if name == "maelm" else batch["encoder_mask"]
     assert removed.any() and (name == "retromae" or "encoder_input_ids" not in batch), "no corrupted input is made"
     seen = []
-    hook = base_model(objective.encoder).embeddings.register_forward_hook(
+    hook = objective.arch.body.embeddings.register_forward_hook(
         lambda m, args, kwargs, out: seen.append(kwargs["input_ids"]), with_kwargs=True)
     with torch.no_grad():
         states = objective.encode(batch)
@@ -321,7 +321,7 @@ def test_removed_positions_never_reach_the_encoder(tiny_model, docstrings, name,
         b = 1
         keep = batch["attention_mask"][b].bool() & ~removed[b]
         positions = keep.nonzero().flatten()
-        alone = base_model(objective.encoder)(input_ids=batch["input_ids"][b, positions][None],
+        alone = objective.arch.body(input_ids=batch["input_ids"][b, positions][None],
                                               position_ids=positions[None]).last_hidden_state[0]
         assert torch.allclose(states[b, positions], alone, atol=1e-5)
         assert not states[b, ~keep].any()
@@ -336,7 +336,7 @@ def test_condenser_head_reads_the_skip_layer_tokens_and_the_last_cls(tiny_model,
     objective, tokenizer = make(tiny_model, "condenser", skip_from=1)
     batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:3]], max_len=24))
     with torch.no_grad():
-        states = objective.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
+        states = objective.arch.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
         assert len(states) == 3  # embeddings, layer 1, layer 2
         base = objective.head_states(states, batch["attention_mask"])
 
@@ -396,20 +396,20 @@ def test_starbucks_loss_is_the_mean_over_pairs_of_mlm_and_mae(tiny_model, docstr
     ordinary = (batch["words"] >= 0).sum()
     assert not (enc & ~dec).any() and enc.sum() / ordinary == pytest.approx(0.2, abs=0.05)
     assert dec.sum() / ordinary == pytest.approx(0.4, abs=0.05)
-    layer0 = base_model(objective.encoder).encoder.layer[0]
+    layer0 = objective.arch.layers[0]
     for (name, p), q in zip(objective.decoder.named_parameters(), layer0.parameters()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
     with torch.no_grad():
         losses, counts = objective(batch), objective.num_items(batch)
         total = sum(objective.loss_weights[k] * losses[k] / counts[k] for k in losses)
-        states = objective.layer_states(batch)
-        head = mlm_head(objective.encoder)
-        dense = head.predictions.transform.dense
+        states = objective.arch.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
+        head = objective.arch.head
+        dense = objective.encoder.cls.predictions.transform.dense
         per_pair = []
         for layer, dim in pairs:
             x = states[layer][enc][:, :dim]
-            t = head.predictions.transform.LayerNorm(F.gelu(x @ dense.weight[:, :dim].T + dense.bias))
-            mlm = F.cross_entropy(head.predictions.decoder(t), batch["input_ids"][enc])
+            t = objective.encoder.cls.predictions.transform.LayerNorm(F.gelu(x @ dense.weight[:, :dim].T + dense.bias))
+            mlm = F.cross_entropy(objective.encoder.cls.predictions.decoder(t), batch["input_ids"][enc])
             assert (losses[f"mlm_{layer}x{dim}"] / enc.sum()).item() == pytest.approx(mlm.item(), rel=1e-5)
             per_pair.append((mlm + losses[f"mae_{layer}x{dim}"] / dec.sum()) / 2)
         assert total.item() == pytest.approx(torch.stack(per_pair).mean().item(), rel=1e-6)

@@ -113,8 +113,23 @@ def pretrain(tiny_model, corpus_file, out: Path, *extra: str, fault: str | None 
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def modernbert_model(docstrings, tmp_path_factory):
+    """A tiny ModernBERT (rotary, pre-norm, sliding windows: another encoder and decoder shape than BERT's)."""
+    from retromae.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_modernbert"), [d["text"] for d in docstrings],
+                           family="modernbert")
+
+
+@pytest.fixture(params=["bert", "modernbert"])
+def family_model(request, tiny_model):
+    return tiny_model if request.param == "bert" else request.getfixturevalue("modernbert_model")
+
+
 @pytest.mark.slow
-def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_model, corpus_file, tmp_path):
+def test_killed_runs_resume_to_the_uninterrupted_weights(family_model, corpus_file, tmp_path):
+    tiny_model = family_model
     straight = pretrain(tiny_model, corpus_file, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-4000:]
     out = tmp_path / "killed"
@@ -144,3 +159,21 @@ def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_model, corpus_file
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: the resumed run's weights differ"
     assert not list(out.rglob(".*.tmp")), "the killed runs' debris is gone"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", [{"name": "retromae"},
+                                       {"name": "cocondenser", "skip_from": 1, "head_layers": 1, "span_tokens": 12}],
+                         ids=["retromae", "cocondenser"])
+def test_two_processes_equal_one_on_modernbert(modernbert_model, corpus_file, tmp_path, objective):
+    """ModernBERT's decoders (rotary, pre-norm) and coCondenser's spans gathered across processes: 2 processes x 4
+    texts compute 1 process x 8 texts' losses and gradients."""
+    family_model = modernbert_model
+    spec = json.dumps(objective)
+    done = subprocess.run([sys.executable, str(PROBE), str(family_model), str(corpus_file), str(tmp_path / "one"), "8",
+                           "1", spec], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    done = accelerate_launch([str(PROBE), str(family_model), str(corpus_file), str(tmp_path / "two"), "4", "1", spec],
+                             cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    compare(tmp_path / "one", tmp_path / "two")

@@ -57,12 +57,11 @@ def test_bag_of_words_target_and_max_pool_by_hand():
 def test_chunked_logit_losses_equal_the_whole_computation(tiny_model, docstrings, monkeypatch):
     """The memory-bounded MLM cross-entropy (chunks under checkpointing) and max-pooled logits (blocks of positions)
     give the values and gradients of computing all logits at once."""
-    from retromae.modeling import mlm_head
     from retromae.objectives import base
 
     objective, tokenizer = make(tiny_model, "dupmae")
     batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:6]]))
-    head = mlm_head(objective.encoder)
+    head = objective.arch.head
     hidden = torch.randn(*batch["input_ids"].shape, objective.encoder.config.hidden_size, requires_grad=True)
 
     def both():
@@ -75,7 +74,9 @@ def test_chunked_logit_losses_equal_the_whole_computation(tiny_model, docstrings
     whole = both()
     monkeypatch.setattr(base, "LOGIT_BUDGET", 3 * len(tokenizer))  # chunks of 256 rows, blocks of 1 position
     chunked = both()
-    assert torch.allclose(whole[0], chunked[0], rtol=1e-5) and torch.equal(whole[1], chunked[1])
+    # a max is exact, but the logits it takes come from matrix products of other shapes, which some CPUs (an AVX-512
+    # EPYC here) round differently in the last bit: equal to fp32 rounding, not bit for bit
+    assert torch.allclose(whole[0], chunked[0], rtol=1e-5) and torch.allclose(whole[1], chunked[1], rtol=0, atol=1e-6)
     assert torch.allclose(whole[2], chunked[2], atol=1e-6)
     reference = max_pool_logits(head(hidden.detach()), batch["bow_positions"])
     assert torch.allclose(whole[1], reference)

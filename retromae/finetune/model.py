@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from retromae.architectures import encoder_of
 from retromae.config import ConfigError
 from retromae.distributed import gather, gather_with_grad, world
 from retromae.objectives.base import full_precision
@@ -74,7 +75,8 @@ class BiEncoder(nn.Module):
     def _srl_pairs(self, encoder: nn.Module) -> list[tuple[int, int]]:
         """The (layer, dim) pairs other than the full size (the last layer at full width), checked against the
         model (Starbucks, methods.md §1.11)."""
-        layers, width = encoder.config.num_hidden_layers, encoder.config.hidden_size
+        arch = encoder_of(encoder)
+        layers, width = arch.num_layers, arch.hidden_size
         pairs = [tuple(p) for p in self.cfg.starbucks_pairs]
         for layer, dim in pairs:
             if layer > layers or dim > width:
@@ -86,7 +88,7 @@ class BiEncoder(nn.Module):
         if self.pairs:
             # [full size ; pair 1 ; pair 2 ...] in one vector per text: cross-device gathering and GradCache apply
             # unchanged, and forward() scores each part on its own
-            states = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+            states = encoder_of(model).layer_states(input_ids, attention_mask)  # as the head reads them
             parts = [self._vector(states[-1], attention_mask)]
             parts += [self._vector(states[layer][..., :dim], attention_mask) for layer, dim in self.pairs]
             return torch.cat(parts, dim=-1)
@@ -174,7 +176,7 @@ class BiEncoder(nn.Module):
     def _srl_losses(self, queries, passages, valid, targets, group: int, batch: dict) -> dict[str, torch.Tensor]:
         """Starbucks SRL: CE at full size, plus at each other (layer, dim) pair its CE and the KL from the full-size
         score distribution (detached: the pairs learn from it, it does not move towards them) to the pair's."""
-        sizes = [self.encoder.config.hidden_size] + [dim for _, dim in self.pairs]
+        sizes = [encoder_of(self.encoder).hidden_size] + [dim for _, dim in self.pairs]
         q_parts, p_parts = queries.split(sizes, dim=-1), passages.split(sizes, dim=-1)
         scores = [self.scores(q, p).masked_fill(~valid[None, :], float("-inf")) for q, p in zip(q_parts, p_parts)]
         full = scores[0]

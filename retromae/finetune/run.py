@@ -106,18 +106,14 @@ def _load_pretraining_head(rep, cfg: ModelConfig) -> None:
     """Start DupMAE fine-tuning from the MLM head that pretraining saved beside the export, when there is one."""
     import safetensors.torch
 
-    from retromae.modeling import heads_path, mlm_head
+    from retromae.modeling import heads_path
+    from retromae.objectives.dupmae import load_head_state
 
     path = Path(heads_path(resolve_model_path(cfg.name_or_path)))
     if not path.is_file():
         logger.warning("no pretraining heads at %s: the MLM head that makes mu starts as the checkpoint has it", path)
         return
-    state = safetensors.torch.load_file(str(path))
-    head = mlm_head(rep.mlm)
-    for prefix in ("encoder.cls.", "encoder.lm_head.", "encoder.predictions."):
-        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if part:
-            head.load_state_dict(part, strict=False)
+    load_head_state(rep.mlm, safetensors.torch.load_file(str(path)), "encoder.")
 
 
 def build_batches(cfg: FinetuneConfig, tokenizer, accelerator):

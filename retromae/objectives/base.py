@@ -1,7 +1,8 @@
 """The contract every pretraining objective follows, and the registry that finds them by name.
 
-An objective owns the encoder it trains (`self.encoder`, a Hugging Face masked-LM model), its own heads, and
-its batch preparation; the trainer, data streaming, checkpointing and export are shared. To add one, write
+An objective owns the encoder it trains (`self.encoder`, a Hugging Face masked-LM model, seen through
+`self.arch`, its `retromae.architectures.Encoder` adapter: objectives never reach into a family's internals), its
+own heads (built to match the encoder, `retromae.decoders`), and its batch preparation; the trainer, data streaming, checkpointing and export are shared. To add one, write
 one module in `retromae/objectives/` with a `Config` dataclass (subclassing `ObjectiveConfig`) and an
 `Objective` subclass decorated with `@register`, plus a recipe in `pretrain/`. Nothing else changes.
 
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from retromae.config import ConfigError, build
+from retromae.architectures import encoder_of
 from retromae.masking import TokenTables
-from retromae.modeling import base_model
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Objective(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, config: ObjectiveConfig):
         super().__init__()
         self.encoder = encoder
+        self.arch = encoder_of(encoder)  # what the objective needs of the encoder, for any family
         self.config = config
         self.loss_weights: dict[str, float] = {}
         tables = TokenTables.from_tokenizer(tokenizer, vocab_size=encoder.config.vocab_size)
@@ -92,7 +94,7 @@ class Objective(nn.Module):
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight except the encoder body's (MLM head, decoders, projectors): what continuing pretraining
         needs beside the exported encoder. Weights tied to the body (the head's decoder matrix) are left out."""
-        body = base_model(self.encoder)
+        body = self.arch.body
         body_storage = {p.data_ptr() for p in body.parameters()}
         body_names = {f"encoder.{self.encoder.base_model_prefix}.{k}" for k in body.state_dict()}
         heads, seen = {}, set(body_storage)
@@ -158,7 +160,10 @@ def _cross_entropy_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tenso
 
 
 def _vocabulary(head: nn.Module, rows: torch.Tensor) -> int:
-    """The head's output size, without running it (the largest out_features of its linear layers)."""
+    """The head's output size, without running it (its vocab_size, else the largest out_features of its linear
+    layers)."""
+    if getattr(head, "vocab_size", None):
+        return head.vocab_size
     sizes = [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
     return max(sizes) if sizes else rows.shape[-1]
 

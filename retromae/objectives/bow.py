@@ -23,7 +23,6 @@ from torch import nn
 from retromae.config import ConfigError
 from retromae.distributed import gather, gather_with_grad, world
 from retromae.masking import ENCODER_MASK, ENCODER_RANDOM_IDS, ENCODER_REPLACE, corrupt, whole_word_mask
-from retromae.modeling import base_model, encoder_hidden, mlm_head
 from retromae.objectives.base import (full_precision, masked_lm_loss_sum, maybe_recomputed, register,
                                       same_document_elsewhere)
 from retromae.objectives.dupmae import bag_of_words, bag_of_words_loss_sum
@@ -58,11 +57,11 @@ class BoWConfig(MLMConfig):
 class MLPDecoder(nn.Module):
     """h -> vocabulary logits: Linear(d, d) -> GELU -> LayerNorm -> Linear(d, V), the last tied to the embeddings."""
 
-    def __init__(self, word_embeddings: nn.Embedding, eps: float = 1e-12):
+    def __init__(self, hidden: int, word_embeddings: nn.Embedding, eps: float = 1e-12):
         super().__init__()
-        hidden = word_embeddings.embedding_dim
-        self.dense = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
+        width = word_embeddings.embedding_dim  # the embedding space (narrower than the layers in ELECTRA)
+        self.dense = nn.Linear(hidden, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
         self.word_embeddings = word_embeddings  # shared, not copied
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
@@ -100,13 +99,13 @@ class BagOfWords(MaskedLM):
     def __init__(self, encoder, tokenizer, config: BoWConfig):
         super().__init__(encoder, tokenizer, config)
         if config.decoder == "mlp":
-            self.bow_decoder = MLPDecoder(base_model(encoder).embeddings.word_embeddings,
-                                          getattr(encoder.config, "layer_norm_eps", 1e-12))
+            self.bow_decoder = MLPDecoder(self.arch.hidden_size, self.arch.word_embeddings,
+                                          self.arch.decoder_spec().norm_eps)
         self.loss_weights = {"contrast": config.contrast_weight}
 
     def decode_words(self, h: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from the text representation h, (B, V)."""
-        return self.bow_decoder(h) if self.config.decoder == "mlp" else mlm_head(self.encoder)(h)
+        return self.bow_decoder(h) if self.config.decoder == "mlp" else self.arch.head(h)
 
     def prepare(self, batch: dict) -> dict:
         batch = super().prepare(batch)
@@ -132,8 +131,8 @@ class BagOfWords(MaskedLM):
     def view(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
              masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One masked view: (its summed MLM loss, its word log-distribution (B, V))."""
-        hidden = encoder_hidden(self.encoder, input_ids, attention_mask)
-        mlm = masked_lm_loss_sum(mlm_head(self.encoder), hidden, targets, masked)
+        hidden = self.arch.forward(input_ids, attention_mask)
+        mlm = masked_lm_loss_sum(self.arch.head, hidden, targets, masked)
         return mlm, full_precision(self.decode_words(hidden[:, 0])).log_softmax(-1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 the family compares with.
 
 Condenser: the encoder input is masked once (whole words, `mask_ratio` 0.15, 80/10/10). A 2-layer head
-(`head_layers`, post-LN transformer layers, randomly initialised, plain self-attention over the real tokens) reads
+(`head_layers`, transformer layers shaped like the encoder's, randomly initialised, plain self-attention over the real
+tokens; a pre-norm encoder's layer states are read through its final norm) reads
 [CLS of the last layer ; token states of layer `skip_from` (6)] and predicts the masked tokens through the encoder's
 MLM head ("head" loss); the backbone keeps its own MLM on the last layer ("mlm"). The only way for late
 information to reach the head's tokens is the last layer's [CLS], which is what trains it to condense the text.
@@ -26,17 +27,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from retromae.config import ConfigError
 from retromae.data.examples import special_wrapping
 from retromae.distributed import gather, gather_with_grad, world
 from retromae.masking import derived_seeds
-from retromae.modeling import base_model, mlm_head
+from retromae.decoders import DecoderStack
 from retromae.objectives.base import full_precision, masked_lm_loss_sum, register
 from retromae.objectives.cotmae import wrap_spans
 from retromae.objectives.mlm import MaskedLM, MLMConfig
-from retromae.objectives.retromae import DecoderLayer
 from retromae.rng import uniform
 
 FIRST_SPAN_OFFSET, SECOND_SPAN_OFFSET, SECOND_SPAN_SEEDS = 101, 102, 103  # random streams / seed salt of the spans
@@ -79,35 +78,28 @@ class Condenser(MaskedLM):
 
     def __init__(self, encoder, tokenizer, config: CondenserConfig):
         super().__init__(encoder, tokenizer, config)
-        layers = encoder.config.num_hidden_layers
+        layers = self.arch.num_layers
         if config.skip_from > layers:
             raise ConfigError(f"objective.skip_from={config.skip_from}: the model has {layers} layers; pick a middle "
                               f"one (the paper: 6 of 12)", key="skip_from")
-        self.head = nn.ModuleList(DecoderLayer(encoder.config) for _ in range(config.head_layers))
+        self.head = DecoderStack(self.arch.decoder_spec(), config.head_layers)
         self.loss_weights = {"head": config.head_weight}
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": batch["encoder_mask"].sum(), "head": batch["encoder_mask"].sum()}
 
-    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Embeddings and every layer's output: (L + 1) tensors (B, L, D), the last one the final layer's."""
-        return base_model(self.encoder)(input_ids=input_ids, attention_mask=attention_mask,
-                                        output_hidden_states=True).hidden_states
-
-    def head_states(self, layer_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+    def head_states(self, layer_states: list[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
         """The head over [last layer's CLS ; layer skip_from's tokens], (B, L, D)."""
         x = torch.cat([layer_states[-1][:, :1], layer_states[self.config.skip_from][:, 1:]], dim=1)
-        visible = attention_mask.bool()[:, None, :].expand(-1, x.shape[1], -1)
-        for layer in self.head:
-            x = layer(x, x, visible)
-        return x
+        positions = torch.arange(x.shape[1], device=x.device) if self.head.layers[0].attention.rotary else None
+        return self.head(x, attention_mask.bool()[:, None, :], positions)
 
     def condenser_losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({mlm, head} summed losses, last-layer states) of a prepared MLM batch."""
-        states = self.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
+        states = self.arch.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
         head = self.head_states(states, batch["attention_mask"])
         losses = {"mlm": self.mlm_loss(states[-1], batch),
-                  "head": masked_lm_loss_sum(mlm_head(self.encoder), head, batch["input_ids"], batch["encoder_mask"])}
+                  "head": masked_lm_loss_sum(self.arch.head, head, batch["input_ids"], batch["encoder_mask"])}
         return losses, states[-1]
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

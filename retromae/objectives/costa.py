@@ -24,7 +24,6 @@ from torch import nn
 from retromae.config import ConfigError
 from retromae.data.examples import special_wrapping
 from retromae.distributed import gather, gather_with_grad, world
-from retromae.modeling import encoder_hidden
 from retromae.objectives.base import full_precision, register, same_document_elsewhere
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 from retromae.rng import uniform
@@ -103,7 +102,7 @@ class COSTA(MaskedLM):
 
     def __init__(self, encoder, tokenizer, config: COSTAConfig):
         super().__init__(encoder, tokenizer, config)
-        hidden = encoder.config.hidden_size
+        hidden = self.arch.hidden_size
         self.projector = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         prefix, suffix = special_wrapping(tokenizer)
         self.register_buffer("_prefix", torch.tensor(prefix, dtype=torch.long), persistent=False)
@@ -160,7 +159,7 @@ class COSTA(MaskedLM):
                           for r in range(0, ids.shape[0], rows)])
 
     def _encode_spans(self, ids: torch.Tensor, attention: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-        hidden = encoder_hidden(self.encoder, ids, attention)
+        hidden = self.arch.forward(ids, attention)
         mask = inside.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 

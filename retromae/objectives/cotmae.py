@@ -10,7 +10,7 @@ token (`sentence_ids`, -1 at padding). The objective cuts its spans, on the devi
   of whole sentences that fits T, starts inside the anchor and runs past its end (or ends inside it and starts
   before it), sharing at least one and at most half of its own sentences with the anchor (uniform among those).
 Each span is encoded as its own input ([CLS] span [SEP]), with whole-word MLM at `mask_ratio` 0.30 (80/10/10):
-loss "mlm". A randomly initialised decoder of `decoder_layers` (2) post-LN layers, plain self-attention, reads
+loss "mlm". A randomly initialised decoder of `decoder_layers` (2) layers shaped like the encoder's, plain self-attention, reads
 [h of one span ; embeddings of the other span whole-word masked at `decoder_mask_ratio` 0.45] (h replaces the
 other span's [CLS] embedding, as in RetroMAE's basic decoding) and predicts that span's masked tokens through the
 encoder's MLM head: loss "decoder". Symmetric: each span of a pair is decoded from the other's h.
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from retromae.config import ConfigError
 from retromae.data.examples import special_wrapping
@@ -43,10 +42,9 @@ from retromae.masking import (
     derived_seeds,
     whole_word_mask,
 )
-from retromae.modeling import mlm_head, token_embeddings
+from retromae.decoders import DecoderStack
 from retromae.objectives.base import masked_lm_loss_sum, register
 from retromae.objectives.mlm import MaskedLM, MLMConfig
-from retromae.objectives.retromae import DecoderLayer
 from retromae.rng import uniform
 
 # random streams of the span sampler, and the salt of the partner rows' seeds
@@ -219,7 +217,7 @@ class CoTMAE(MaskedLM):
                               f"special tokens exceeds the model's {positions} positions", key="max_span_tokens")
         self.register_buffer("_prefix", torch.tensor(prefix, dtype=torch.long), persistent=False)
         self.register_buffer("_suffix", torch.tensor(suffix, dtype=torch.long), persistent=False)
-        self.decoder = nn.ModuleList(DecoderLayer(encoder.config) for _ in range(config.decoder_layers))
+        self.decoder = DecoderStack(self.arch.decoder_spec(), config.decoder_layers)
         self.loss_weights = {"decoder": config.decoder_weight}
 
     def prepare(self, batch: dict) -> dict:
@@ -259,16 +257,14 @@ class CoTMAE(MaskedLM):
         """Each row's span decoded from the OTHER span's h: rows b and b + B exchange their h. (2B, W, D)."""
         half = h.shape[0] // 2
         other_h = torch.cat([h[half:], h[:half]]).unsqueeze(1)
-        x = torch.cat([other_h, token_embeddings(self.encoder, spans["decoder_input_ids"])[:, 1:]], dim=1)
-        visible = spans["attention_mask"].bool()[:, None, :].expand(-1, x.shape[1], -1)
-        for layer in self.decoder:
-            x = layer(x, x, visible)
-        return x
+        x = torch.cat([other_h, self.arch.embed(spans["decoder_input_ids"])[:, 1:]], dim=1)
+        positions = torch.arange(x.shape[1], device=x.device) if self.decoder.layers[0].attention.rotary else None
+        return self.decoder(x, spans["attention_mask"].bool()[:, None, :], positions)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         spans = batch["spans"]
         hidden = self.encode(spans)
         decoded = self.decode(hidden[:, 0], spans)
         return {"mlm": self.mlm_loss(hidden, spans),
-                "decoder": masked_lm_loss_sum(mlm_head(self.encoder), decoded, spans["input_ids"],
+                "decoder": masked_lm_loss_sum(self.arch.head, decoded, spans["input_ids"],
                                               spans["decoder_targets"])}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from retromae.architectures import encoder_of
 from retromae.config import ConfigError
-from retromae.modeling import base_model, mlm_head
-from retromae.objectives.base import full_precision, masked_lm_loss_sum, max_pooled_logits, register
+from retromae.objectives.base import full_precision, max_pooled_logits, register
 from retromae.objectives.retromae import RetroMAE, RetroMAEConfig
 
 
@@ -80,14 +80,12 @@ class DupMAE(RetroMAE):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
-        head = mlm_head(self.encoder)
         # The MLM loss reads the head at the masked positions, mu pools it over the others (the paper's default;
         # with bow_positions: all, over every position): each computed where it is needed, in bounded blocks.
-        mu = max_pooled_logits(head, hidden, batch["bow_positions"])
-        decoded = self.decode(hidden[:, 0], batch)
+        mu = max_pooled_logits(self.arch.head, hidden, batch["bow_positions"])
         return {
             "mlm": self.mlm_loss(hidden, batch),
-            "decoder": masked_lm_loss_sum(head, decoded, batch["input_ids"], batch["decoder_targets"]),
+            "decoder": self.decode_loss(hidden[:, 0], batch),
             "bow": bag_of_words_loss_sum(mu.log_softmax(-1), batch["bow_targets"]),
         }
 
@@ -113,7 +111,8 @@ class DupMAERepresentation(nn.Module):
         super().__init__()
         self.cfg = cfg or DupMAERepresentationConfig()
         self.mlm = mlm_model
-        hidden = mlm_model.config.hidden_size
+        self.arch = encoder_of(mlm_model)
+        hidden = self.arch.hidden_size
         self.projection = nn.Linear(hidden, self.cfg.dense_dim, bias=False)
         with torch.no_grad():
             self.projection.weight.zero_()
@@ -126,11 +125,11 @@ class DupMAERepresentation(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dense (B, dense_dim), sparse values (B, k), sparse vocabulary ids (B, k))."""
-        hidden = base_model(self.mlm)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.arch.forward(input_ids, attention_mask)
         dense = full_precision(self.projection(hidden[:, 0]))
         positions = attention_mask.bool().clone()
         positions[:, 0] = False
-        mu = max_pooled_logits(mlm_head(self.mlm), hidden, positions)
+        mu = max_pooled_logits(self.arch.head, hidden, positions)
         values, ids = mu.topk(min(self.cfg.topk, mu.shape[-1]), dim=-1)
         if self.cfg.sparse_activation == "relu":
             values = values.clamp(min=0.0)
@@ -142,20 +141,16 @@ class DupMAERepresentation(nn.Module):
         return out.scatter(1, ids, values)
 
     def save(self, folder: str | Path) -> None:
-        """What DupMAE adds to an exported encoder body, in `folder` (e.g. `model/dupmae/`): the MLM head (without
-        the decoder matrix, tied to the body's word embeddings) and W."""
+        """What DupMAE adds to an exported encoder body, in `folder` (e.g. `model/dupmae/`): the MLM head's own
+        weights under the masked-LM model's names (whatever the family; not the vocabulary matrix when it is tied to
+        the body's word embeddings) and W."""
         import safetensors.torch
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        seen = {p.data_ptr() for p in base_model(self.mlm).parameters()}
-        tensors = {}
-        items = [(f"head.{k}", v) for k, v in mlm_head(self.mlm).state_dict().items()]
-        for key, value in items + [("projection.weight", self.projection.weight)]:
-            if value.data_ptr() not in seen:  # skip tied copies
-                seen.add(value.data_ptr())
-                tensors[key] = value.detach().cpu().contiguous()
-        safetensors.torch.save_file(tensors, str(folder / "dupmae.safetensors"))
+        safetensors.torch.save_file(head_state(self.mlm, "head.") | {
+            "projection.weight": self.projection.weight.detach().cpu().contiguous()},
+            str(folder / "dupmae.safetensors"))
         (folder / "config.json").write_text(json.dumps(self.cfg.__dict__))
 
     @classmethod
@@ -173,18 +168,33 @@ class DupMAERepresentation(nn.Module):
         rep = cls(mlm, cfg)
         if folder.is_dir():
             state = safetensors.torch.load_file(str(folder / "dupmae.safetensors"))
-            mlm_head(mlm).load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=False)
+            load_head_state(mlm, state, "head.")
             rep.projection.weight.data.copy_(state["projection.weight"])
         elif Path(heads_path(model_dir)).is_file():
-            state = safetensors.torch.load_file(heads_path(model_dir))
-            prefix = f"encoder.{_head_attribute(mlm)}."
-            mlm_head(mlm).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                          strict=False)
+            load_head_state(mlm, safetensors.torch.load_file(heads_path(model_dir)), "encoder.")
         return rep.eval().to(device or "cpu")
 
 
-def _head_attribute(mlm) -> str:
-    for name in ("cls", "lm_head", "predictions"):
-        if getattr(mlm, name, None) is mlm_head(mlm):
-            return name
-    raise ConfigError("no MLM head found")
+def head_state(mlm: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The MLM head's own weights of a masked-LM model, under its own parameter names (with `prefix`), tied copies of
+    the body's weights left out."""
+    arch = encoder_of(mlm)
+    body = {p.data_ptr() for p in arch.body.parameters()}
+    own = mlm.state_dict()
+    state, seen = {}, set(body)
+    for name in arch.head_parameter_names():
+        value = own[name]
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            state[prefix + name] = value.detach().cpu().contiguous()
+    return state
+
+
+def load_head_state(mlm: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    """Load the head weights saved under `prefix` + the model's own names (`head_state`, or pretraining's heads file,
+    whose names start with encoder.); returns the names loaded."""
+    names = set(encoder_of(mlm).head_parameter_names())
+    part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in names}
+    if part:
+        mlm.load_state_dict(part, strict=False)
+    return sorted(part)

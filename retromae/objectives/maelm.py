@@ -8,8 +8,9 @@ ones, with plain self-attention over the real tokens, and predicts the removed t
 head (cross-entropy on removed tokens only).
 
 The same encoder side serves RetroMAE with `encoder_masking: remove` (`encode_kept`, `ReinsertionDecoder`).
-Our defaults where the paper leaves it open: the decoder layers are RetroMAE's post-LN decoder layer, randomly
-initialised; masks are whole-word, as everywhere in this toolkit.
+Our defaults where the paper leaves it open: the decoder layers are shaped like the encoder's (`retromae.decoders`),
+randomly initialised; masks are whole-word, as everywhere in this toolkit. On families whose attention reads positions
+from the order of the sequence the removed tokens are hidden rather than dropped (`encode_kept`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from retromae.architectures import Encoder
 from retromae.config import ConfigError
+from retromae.decoders import DecoderSpec, DecoderStack
 from retromae.masking import ENCODER_MASK, kept_layout, maskable_positions, whole_word_mask, word_index
-from retromae.modeling import base_model, mlm_head, token_embeddings
 from retromae.objectives.base import Objective, ObjectiveConfig, masked_lm_loss_sum, register
-from retromae.objectives.retromae import DecoderLayer
 
 
 @dataclass
@@ -39,21 +40,25 @@ class MAELMConfig(ObjectiveConfig):
             raise ConfigError("objective.decoder_layers must be >= 1")
 
 
-def position_offset(mlm) -> int:
-    """The position id of the first token: 0 for BERT-likes, padding_idx + 1 for RoBERTa-likes."""
-    padding_idx = getattr(base_model(mlm).embeddings, "padding_idx", None)
-    return 0 if padding_idx is None else padding_idx + 1
-
-
-def encode_kept(mlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, removed: torch.Tensor,
+def encode_kept(arch: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, removed: torch.Tensor,
                 pad_id: int) -> torch.Tensor:
     """Final-layer states (B, L, D) of the encoder run on the kept tokens only (`removed` and padding left out),
-    packed to the left with their original position ids; scattered back to their positions, zeros elsewhere."""
+    each at its original position; zeros at the removed positions.
+
+    Where a position id says all there is about a token's place (absolute tables, rotary with global attention:
+    `arch.packable`), the kept tokens are packed to the left with their original position ids, and the encoder runs
+    on the shorter rows. Where attention reads positions from the order of the sequence (DeBERTa's and MPNet's
+    relative attention, ModernBERT's sliding windows), the rows keep their length: removed tokens are replaced by
+    padding and hidden from every row by the attention mask, so each kept token sees exactly the kept tokens, at
+    their original distances."""
     keep = attention_mask.bool() & ~removed
+    if not arch.packable:
+        positions = arch.position_ids(input_ids.shape[1], input_ids.device)[None].expand_as(input_ids)
+        states = arch.forward(input_ids.masked_fill(~keep, pad_id), keep.long(), positions)
+        return states * keep.unsqueeze(-1).to(states.dtype)
     index, valid = kept_layout(keep)
     kept_ids = input_ids.gather(1, index).masked_fill(~valid, pad_id)  # the removed tokens do not even pad the rows
-    states = base_model(mlm)(input_ids=kept_ids, attention_mask=valid.long(),
-                             position_ids=index + position_offset(mlm)).last_hidden_state
+    states = arch.forward(kept_ids, valid.long(), index + arch.position_offset())
     states = states * valid.unsqueeze(-1).to(states.dtype)
     full = states.new_zeros(*input_ids.shape, states.shape[-1])
     return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, states.shape[-1]), states)
@@ -61,20 +66,18 @@ def encode_kept(mlm, input_ids: torch.Tensor, attention_mask: torch.Tensor, remo
 
 class ReinsertionDecoder(nn.Module):
     """MAE-LM's shallow decoder: encoder states at kept positions, [MASK] embeddings at removed ones, plain
-    self-attention over the real tokens."""
+    self-attention over the real tokens; layers shaped like the encoder's."""
 
-    def __init__(self, config, layers: int):
+    def __init__(self, spec: DecoderSpec, layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layers))
+        self.stack = DecoderStack(spec, layers)
 
-    def forward(self, mlm, states: torch.Tensor, removed: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, arch: Encoder, states: torch.Tensor, removed: torch.Tensor, attention_mask: torch.Tensor,
                 mask_id: int) -> torch.Tensor:
-        mask_embeddings = token_embeddings(mlm, torch.full_like(attention_mask, mask_id))
-        x = torch.where(removed.unsqueeze(-1), mask_embeddings, states)
-        visible = attention_mask.bool()[:, None, :].expand(-1, x.shape[1], -1)
-        for layer in self.layers:
-            x = layer(x, x, visible)
-        return x
+        mask_embeddings = arch.embed(torch.full_like(attention_mask, mask_id))
+        x = torch.where(removed.unsqueeze(-1), mask_embeddings.to(states.dtype), states)
+        positions = torch.arange(x.shape[1], device=x.device) if self.stack.layers[0].attention.rotary else None
+        return self.stack(x, attention_mask.bool()[:, None, :], positions)
 
 
 @register
@@ -84,7 +87,7 @@ class MAELM(Objective):
 
     def __init__(self, encoder, tokenizer, config: MAELMConfig):
         super().__init__(encoder, tokenizer, config)
-        self.decoder = ReinsertionDecoder(encoder.config, config.decoder_layers)
+        self.decoder = ReinsertionDecoder(self.arch.decoder_spec(), config.decoder_layers)
 
     def prepare(self, batch: dict) -> dict:
         ids, attention, seeds = batch["input_ids"], batch["attention_mask"], batch["seeds"]
@@ -95,9 +98,9 @@ class MAELM(Objective):
         return {"mlm": batch["removed"].sum()}
 
     def encode(self, batch: dict) -> torch.Tensor:
-        return encode_kept(self.encoder, batch["input_ids"], batch["attention_mask"], batch["removed"], self._pad_id)
+        return encode_kept(self.arch, batch["input_ids"], batch["attention_mask"], batch["removed"], self._pad_id)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         states = self.encode(batch)
-        decoded = self.decoder(self.encoder, states, batch["removed"], batch["attention_mask"], self._mask_id)
-        return {"mlm": masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"], batch["removed"])}
+        decoded = self.decoder(self.arch, states, batch["removed"], batch["attention_mask"], self._mask_id)
+        return {"mlm": masked_lm_loss_sum(self.arch.head, decoded, batch["input_ids"], batch["removed"])}

@@ -17,7 +17,6 @@ from retromae.masking import (
     whole_word_mask,
     word_index,
 )
-from retromae.modeling import encoder_hidden, mlm_head
 from retromae.objectives.base import Objective, ObjectiveConfig, masked_lm_loss_sum, register
 
 
@@ -56,10 +55,10 @@ class MaskedLM(Objective):
 
     def encode(self, batch: dict) -> torch.Tensor:
         """Encoder states of the corrupted input, (B, L, D)."""
-        return encoder_hidden(self.encoder, batch["encoder_input_ids"], batch["attention_mask"])
+        return self.arch.forward(batch["encoder_input_ids"], batch["attention_mask"])
 
     def mlm_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        return masked_lm_loss_sum(mlm_head(self.encoder), hidden, batch["input_ids"], batch["encoder_mask"])
+        return masked_lm_loss_sum(self.arch.head, hidden, batch["input_ids"], batch["encoder_mask"])
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": self.mlm_loss(self.encode(batch), batch)}

@@ -9,8 +9,18 @@ the encoder's own (tied) MLM head. L = L_enc + L_dec.
 Basic decoding (the ablation): the decoder reads [h ; embeddings of the decoder-masked text] with plain
 self-attention and predicts the masked tokens.
 
-The (B, L, L) visibility mask is built on the training device from per-example seeds, in a few tensor ops;
-the reference implementation builds it per example in Python inside the data collator.
+The visibility mask is built on the training device from per-example seeds, in a few tensor ops (the reference
+implementation builds it per example in Python inside the data collator), a block of decoder rows at a time: each
+row's mask is its own counter-based draw, so a block is exactly that part of the whole (B, L, L) mask. For long texts
+(ModernBERT and EuroBERT read 8,192 tokens: an L x L visibility of 67M entries per text, and L x L attention scores
+per head) the rows go through the decoder in blocks under activation checkpointing, each block's mask, attention
+and logits built and dropped in turn; at 512 tokens one block holds every row.
+
+The decoder matches the encoder (`retromae.decoders`, `retromae.architectures`): BERT's post-LN layer on BERT, a
+pre-norm gated layer closed by a final norm on ModernBERT, and so on. Where the encoder has absolute positions the
+query stream is h + p_i; where positions are rotary (ModernBERT, EuroBERT, GTE) or relative (DeBERTa-v3), the query
+stream is h and the decoder's attention rotates queries and keys by their positions (our default for encoders without
+a position table to add).
 
 Two switches beyond the paper (uniform and mask stay the defaults):
 - `decoder_masking: pmi`, the challenging decoder (Li et al., 2023; methods.md §1.8): the decoder's words are hidden
@@ -32,8 +42,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from retromae.config import ConfigError
 from retromae.masking import (
@@ -51,9 +59,12 @@ from retromae.masking import (
     word_index,
     word_lengths,
 )
-from retromae.modeling import mlm_head, position_embeddings, token_embeddings
-from retromae.objectives.base import masked_lm_loss_sum, register
+from retromae.decoders import DecoderLayer, make_norm
+from retromae.objectives.base import masked_lm_loss_sum, maybe_recomputed, register
 from retromae.objectives.mlm import MaskedLM, MLMConfig
+
+# Attention scores held at once by the enhanced decoder (texts x rows x columns x heads): 2^26 is 256 MB in fp32.
+ATTENTION_BUDGET = 1 << 26
 
 
 @dataclass
@@ -90,73 +101,22 @@ class RetroMAEConfig(MLMConfig):
                               key="bow_positions")
 
 
-class DecoderLayer(nn.Module):
-    """One post-LayerNorm transformer layer (BERT's layout) whose queries and keys/values may come from different
-    streams, with a boolean visibility mask per query row.
+def decoder_visibility(words: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Enhanced decoding's (B, L, L) mask, or its `rows` (R,) only, (B, R, L); [b, i, j] = row i may attend to
+    column j.
 
-    Written here rather than taken from transformers: BERT's cross-attention module changed signature between
-    transformers 4 and 5 and takes an additive (B, 1, Lq, Lk) float mask; this layer passes the boolean mask
-    straight to torch's fused scaled_dot_product_attention and works with any BERT-like config.
+    `hidden` holds each row's fresh whole-word mask. Row i sees the columns its mask leaves visible (special tokens
+    are never masked), never column i, always column 0 (h) unless i = 0, and never padding. A row left with nothing
+    to see (only possible for rows that are never predicted: [CLS] of a text with no other visible token, or a
+    padding row) is given column 0 so attention stays finite.
     """
-
-    def __init__(self, config):
-        super().__init__()
-        hidden, self.heads = config.hidden_size, config.num_attention_heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
-        self.attention_output = nn.Linear(hidden, hidden)
-        self.attention_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.intermediate = nn.Linear(hidden, config.intermediate_size)
-        self.output = nn.Linear(config.intermediate_size, hidden)
-        self.output_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.activation = _activation(getattr(config, "hidden_act", "gelu"))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.attention_dropout = config.attention_probs_dropout_prob
-        std = getattr(config, "initializer_range", 0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, hidden = x.shape
-        return x.view(batch, length, self.heads, hidden // self.heads).transpose(1, 2)
-
-    def forward(self, query: torch.Tensor, context: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """query (B, Lq, D), context (B, Lk, D), visible (B, Lq, Lk) bool -> (B, Lq, D)."""
-        attended = F.scaled_dot_product_attention(
-            self._split(self.query(query)),
-            self._split(self.key(context)),
-            self._split(self.value(context)),
-            attn_mask=visible.unsqueeze(1),
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
-        attended = attended.transpose(1, 2).reshape(query.shape)
-        x = self.attention_norm(query + self.dropout(self.attention_output(attended)))
-        return self.output_norm(x + self.dropout(self.output(self.activation(self.intermediate(x)))))
-
-
-def _activation(name) -> nn.Module:
-    if callable(name) and not isinstance(name, str):
-        return name
-    return {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}.get(
-        name, nn.GELU()
-    )
-
-
-def decoder_visibility(words: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Enhanced decoding's (B, L, L) mask; [b, i, j] = row i may attend to column j.
-
-    `hidden` (B, L, L) holds each row's fresh whole-word mask. Row i sees the columns its mask leaves visible
-    (special tokens are never masked), never column i, always column 0 (h) unless i = 0, and never padding.
-    A row left with nothing to see (only possible for rows that are never predicted: [CLS] of a text with no
-    other visible token, or a padding row) is given column 0 so attention stays finite.
-    """
-    batch, length = words.shape
-    eye = torch.eye(length, dtype=torch.bool, device=words.device)
-    visible = attention_mask.bool()[:, None, :] & ~hidden & ~eye
-    visible[:, 1:, 0] = True
+    length = words.shape[1]
+    if rows is None:
+        rows = torch.arange(length, device=words.device)
+    itself = rows[:, None] == torch.arange(length, device=words.device)[None, :]
+    visible = attention_mask.bool()[:, None, :] & ~hidden & ~itself
+    visible[:, :, 0] |= (rows > 0)[None, :]
     empty = ~visible.any(-1)
     visible[:, :, 0] |= empty
     return visible
@@ -183,12 +143,15 @@ class RetroMAE(MaskedLM):
 
     def __init__(self, encoder, tokenizer, config: RetroMAEConfig):
         super().__init__(encoder, tokenizer, config)
-        self.decoder = DecoderLayer(encoder.config)
+        spec = self.arch.decoder_spec()
+        self.decoder = DecoderLayer(spec)
+        if spec.prenorm:  # the encoder's head reads normalised states
+            self.decoder_norm = make_norm(spec)
         self.loss_weights = {"decoder": config.decoder_loss_weight}
         if config.encoder_masking == "remove":
-            from retromae.objectives.maelm import ReinsertionDecoder  # (maelm builds on this module's DecoderLayer)
+            from retromae.objectives.maelm import ReinsertionDecoder
 
-            self.removal_decoder = ReinsertionDecoder(encoder.config, config.removal_decoder_layers)
+            self.removal_decoder = ReinsertionDecoder(spec, config.removal_decoder_layers)
         if config.decoder_masking == "pmi":
             self.register_buffer("_log_collection_share", None, persistent=False)
             # Offered only when used: `retromae pretrain` attaches statistics to objectives that have this hook (and
@@ -214,13 +177,26 @@ class RetroMAE(MaskedLM):
                 "objective.attach_corpus_statistics(token_counts, total_tokens) first", key="decoder_masking")
         return pmi_word_scores(batch["input_ids"], batch["words"], self._log_collection_share, self.config.pmi_floor)
 
-    def rows_hidden(self, batch: dict) -> torch.Tensor:
-        """Enhanced decoding: the words each decoder row hides, (B, L, L); each (row, word) drawn independently."""
+    def rows_hidden(self, batch: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Enhanced decoding: the words each decoder row hides, (B, L, L) or (B, R, L) for `rows`; each (row, word)
+        drawn independently."""
         words, seeds, ratio = batch["words"], batch["seeds"], self.config.decoder_mask_ratio
         if self.config.decoder_masking == "uniform":
-            return per_row_whole_word_masks(words, ratio, seeds, DECODER_MASK)
-        chance = capped_proportional(self.word_importance(batch), word_lengths(words), ratio * (words >= 0).sum(-1))
-        return per_row_word_masks(words, chance, seeds, DECODER_MASK)
+            return per_row_whole_word_masks(words, ratio, seeds, DECODER_MASK, rows)
+        chance = batch.get("word_chance")
+        if chance is None:
+            chance = self.word_chance(batch)
+        return per_row_word_masks(words, chance, seeds, DECODER_MASK, rows)
+
+    def word_chance(self, batch: dict) -> torch.Tensor:
+        """PMI decoder masking: each word's probability of being hidden from a row, (B, W)."""
+        words, ratio = batch["words"], self.config.decoder_mask_ratio
+        return capped_proportional(self.word_importance(batch), word_lengths(words), ratio * (words >= 0).sum(-1))
+
+    def visibility(self, batch: dict, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Enhanced decoding's visibility (B, L, L), or that of `rows` (B, R, L): `decoder_visibility` of the rows'
+        fresh masks."""
+        return decoder_visibility(batch["words"], batch["attention_mask"], self.rows_hidden(batch, rows), rows)
 
     def decoder_mask(self, batch: dict) -> torch.Tensor:
         """Basic decoding: the words masked in the decoder's input, (B, L)."""
@@ -233,7 +209,9 @@ class RetroMAE(MaskedLM):
         batch = self.prepare_encoder(batch)
         words, seeds = batch["words"], batch["seeds"]
         if self.config.decoding == "enhanced":
-            batch["decoder_visible"] = decoder_visibility(words, batch["attention_mask"], self.rows_hidden(batch))
+            # the visibility itself is built a block of rows at a time in `decode_loss` (it is L x L per text)
+            if self.config.decoder_masking == "pmi":
+                batch["word_chance"] = self.word_chance(batch)
             batch["decoder_targets"] = words >= 0
         else:
             mask = self.decoder_mask(batch)
@@ -258,37 +236,79 @@ class RetroMAE(MaskedLM):
             return super().encode(batch)
         from retromae.objectives.maelm import encode_kept
 
-        return encode_kept(self.encoder, batch["input_ids"], batch["attention_mask"], batch["encoder_mask"],
+        return encode_kept(self.arch, batch["input_ids"], batch["attention_mask"], batch["encoder_mask"],
                            self._pad_id)
 
     def mlm_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """L_enc: MLM on the encoder's states, or (encoder_masking remove) MAE-LM's decoder filling in the removed
         words."""
         if self.config.encoder_masking == "remove":
-            hidden = self.removal_decoder(self.encoder, hidden, batch["encoder_mask"], batch["attention_mask"],
+            hidden = self.removal_decoder(self.arch, hidden, batch["encoder_mask"], batch["attention_mask"],
                                           self._mask_id)
         return super().mlm_loss(hidden, batch)
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"mlm": batch["encoder_mask"].sum(), "decoder": batch["decoder_targets"].sum()}
 
+    def decoder_positions(self, length: int, device) -> torch.Tensor | None:
+        """Positions the decoder's attention rotates by (rotary specs), else None (positions come with the inputs)."""
+        return torch.arange(length, device=device) if self.decoder.attention.rotary is not None else None
+
+    def finish(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Decoder states as the MLM head reads them (a pre-norm decoder's final norm)."""
+        norm = getattr(self, "decoder_norm", None)
+        return norm(decoded) if norm is not None else decoded
+
+    def decode_loss(self, h: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The decoder's summed cross-entropy, rebuilding the text from the sentence embedding h (B, D). Enhanced
+        decoding goes a block of rows at a time: each block's visibility, attention, feed-forward and logits exist
+        only while the block is computed (and are recomputed in the backward pass when there are several blocks)."""
+        ids, targets = batch["input_ids"], batch["decoder_targets"]
+        if self.config.decoding == "basic":
+            return masked_lm_loss_sum(self.arch.head, self.decode(h, batch), ids, targets)
+        streams, blocks = self.streams(h, batch), self.row_blocks(batch)
+        return sum(maybe_recomputed(len(blocks) > 1, self.rows_loss, *streams, batch, rows) for rows in blocks)
+
     def decode(self, h: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Decoder states (B, L, D) rebuilt from the sentence embedding h (B, D)."""
-        h = h.unsqueeze(1)
-        if self.config.decoding == "enhanced":
-            ids = batch["input_ids"]
-            context = torch.cat([h, token_embeddings(self.encoder, ids)[:, 1:]], dim=1)
-            query = h + position_embeddings(self.encoder, ids.shape[1], ids.device).unsqueeze(0)
-            return self.decoder(query, context, batch["decoder_visible"])
-        ids = batch["decoder_input_ids"]
-        context = torch.cat([h, token_embeddings(self.encoder, ids)[:, 1:]], dim=1)
-        visible = batch["attention_mask"].bool()[:, None, :].expand(-1, ids.shape[1], -1)
-        return self.decoder(context, context, visible)
+        """Decoder states (B, L, D), as the MLM head reads them, rebuilt from the sentence embedding h (B, D)."""
+        if self.config.decoding == "basic":
+            ids = batch["decoder_input_ids"]
+            positions = self.decoder_positions(ids.shape[1], ids.device)
+            context = torch.cat([h[:, None], self.arch.embed(ids)[:, 1:]], dim=1)
+            return self.finish(self.decoder(context, context, batch["attention_mask"].bool()[:, None, :], positions))
+        streams = self.streams(h, batch)
+        return torch.cat([self.decoded_rows(*streams, batch, rows) for rows in self.row_blocks(batch)], dim=1)
+
+    def streams(self, h: torch.Tensor, batch: dict):
+        """Enhanced decoding's query stream (B, L, D: h + p_i, or h where positions are rotary), the keys and values
+        of its context stream [h ; embeddings of the unmasked text], computed once, and the rotary positions."""
+        ids = batch["input_ids"]
+        length = ids.shape[1]
+        positions = self.decoder_positions(length, ids.device)
+        context = torch.cat([h[:, None], self.arch.embed(ids)[:, 1:]], dim=1)
+        if positions is None:
+            query = h[:, None] + self.arch.absolute_positions(length, h.device)[None].to(h.dtype)
+        else:
+            query = h[:, None].expand(-1, length, -1)
+        return query, self.decoder.context_keys_values(context, positions), positions
+
+    def row_blocks(self, batch: dict) -> list[torch.Tensor]:
+        """The decoder's rows in blocks whose attention scores fit ATTENTION_BUDGET (one block at 512 tokens)."""
+        batch_size, length = batch["input_ids"].shape
+        block = max(1, ATTENTION_BUDGET // max(1, batch_size * length * self.decoder.attention.heads))
+        return list(torch.arange(length, device=batch["input_ids"].device).split(block))
+
+    def decoded_rows(self, query: torch.Tensor, keys_values, positions, batch: dict, rows: torch.Tensor):
+        """Decoder states of rows `rows`, (B, R, D)."""
+        decoded = self.decoder.attend(query[:, rows], keys_values, self.visibility(batch, rows),
+                                      None if positions is None else positions[rows])
+        return self.finish(self.decoder.rest(decoded))
+
+    def rows_loss(self, query, keys_values, positions, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of decoder rows `rows`."""
+        return masked_lm_loss_sum(self.arch.head, self.decoded_rows(query, keys_values, positions, batch, rows),
+                                  batch["input_ids"][:, rows], batch["decoder_targets"][:, rows])
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         hidden = self.encode(batch)
-        decoded = self.decode(hidden[:, 0], batch)
-        return {
-            "mlm": self.mlm_loss(hidden, batch),
-            "decoder": masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"], batch["decoder_targets"]),
-        }
+        return {"mlm": self.mlm_loss(hidden, batch), "decoder": self.decode_loss(hidden[:, 0], batch)}

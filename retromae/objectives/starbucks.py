@@ -12,8 +12,12 @@ Masks are nested whole-word masks: the encoder's (`mask_ratio` 0.2) is the first
 (`decoder_mask_ratio` 0.4), the same word order cut at two lengths; both inputs get 80/10/10 replacement.
 L = mean over pairs of (MLM + MAE) / 2: each named loss has weight 1 / (2 x pairs).
 
-Our defaults where the paper leaves it open: one decoder shared by all pairs; 80/10/10 on both inputs. The head's
-transform must be BERT's (`predictions.transform`: dense, activation, LayerNorm).
+Our defaults where the paper leaves it open: one decoder shared by all pairs; 80/10/10 on both inputs. Any family:
+a layer's states are read as the MLM head reads them (a pre-norm encoder's final norm applied,
+`Encoder.layer_states`); the truncated [CLS] goes through the head's transform with its first weight sliced, or, for
+a head without a transform (EuroBERT), is padded with zeros to full width (the same as slicing an identity); a head
+whose transform leads to a narrower embedding space (ELECTRA) is brought back to the layers' width by the encoder's
+own projection; the decoder copy of layer 0 runs through the family's adapter with its own masks.
 """
 
 from __future__ import annotations
@@ -35,10 +39,8 @@ from retromae.masking import (
     whole_word_mask,
     word_index,
 )
-from retromae.modeling import base_model, mlm_head, token_embeddings
 from retromae.objectives.base import masked_lm_loss_sum, maybe_recomputed, register
 from retromae.objectives.mlm import MaskedLM, MLMConfig
-from retromae.objectives.tsdae import attention_implementation, encoder_layers, layer_attention_mask
 
 NESTED_MASK = 121  # random stream of the nested masks (one word order, cut at two lengths)
 PAPER_PAIRS = ((2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768))  # BERT-base's six (layer, dim) pairs
@@ -74,15 +76,16 @@ class TruncatedInput(nn.Module):
     def __init__(self, module: nn.Module, linear: str, dim: int):
         super().__init__()
         self.module, self.linear, self.dim = module, linear, dim
+        self.vocab_size = getattr(module, "vocab_size", None)  # for the loss's chunking, when `module` is a head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.module.get_submodule(self.linear).weight
         return torch.func.functional_call(self.module, {f"{self.linear}.weight": weight[:, : self.dim]}, (x,))
 
 
-def first_linear(module: nn.Module) -> str:
-    """The name of the first linear layer of `module` (the MLM head's dense transform)."""
-    return next(name for name, m in module.named_modules() if isinstance(m, nn.Linear))
+def first_linear(module: nn.Module) -> str | None:
+    """The name of the first linear layer of `module` (the MLM head's dense transform), None if it has none."""
+    return next((name for name, m in module.named_modules() if isinstance(m, nn.Linear)), None)
 
 
 @register
@@ -92,17 +95,14 @@ class Starbucks(MaskedLM):
 
     def __init__(self, encoder, tokenizer, config: StarbucksConfig):
         super().__init__(encoder, tokenizer, config)
-        layers, hidden = encoder.config.num_hidden_layers, encoder.config.hidden_size
+        layers, hidden = self.arch.num_layers, self.arch.hidden_size
         wrong = [p for p in config.pairs if p[0] > layers or p[1] > hidden]
         if wrong:
             raise ConfigError(f"objective.pairs: {wrong} do not fit the model ({layers} layers of {hidden} dimensions);"
                               " every [layer, dim] needs layer <= layers and dim <= hidden size", key="pairs")
-        transform = getattr(getattr(mlm_head(encoder), "predictions", None), "transform", None)
-        if transform is None:
-            raise ConfigError(f"{type(encoder).__name__}: Starbucks maps the truncated [CLS] back through the MLM "
-                              "head's transform, which needs a BERT-like head (cls.predictions.transform)")
-        self.decoder = copy.deepcopy(encoder_layers(encoder)[0])  # initialised from layer 0, then trained on its own
-        attention_implementation(encoder.config)  # refused now rather than at the first step
+        # initialised from layer 0, then trained on its own; it shares the model's config (attention implementation)
+        first = self.arch.layers[0]
+        self.decoder = copy.deepcopy(first, {id(encoder.config): encoder.config})
         share = 1.0 / (2 * len(config.pairs))
         self.loss_weights = {name: share for pair in config.loss_names() for name in pair}
 
@@ -124,31 +124,33 @@ class Starbucks(MaskedLM):
             items[mlm], items[mae] = batch["encoder_mask"].sum(), batch["decoder_mask"].sum()
         return items
 
-    def layer_states(self, batch: dict) -> tuple[torch.Tensor, ...]:
-        return base_model(self.encoder)(input_ids=batch["encoder_input_ids"], attention_mask=batch["attention_mask"],
-                                        output_hidden_states=True).hidden_states
-
     def decode(self, cls: torch.Tensor, embedded: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The decoder over [cls ; embedded[:, 1:]] (B, L, D)."""
+        """The decoder over [cls ; embedded[:, 1:]] (B, L, D), as the head reads states."""
         x = torch.cat([cls.unsqueeze(1), embedded[:, 1:]], dim=1)
-        visible = attention_mask.bool()[:, None, :]
-        out = self.decoder(x, attention_mask=layer_attention_mask(self.encoder.config, visible))
-        return out[0] if isinstance(out, tuple) else out
+        visible = attention_mask.bool()[:, None, :].expand(-1, x.shape[1], -1)
+        return self.arch.final_norm(self.arch.run_layer(self.decoder, x, visible))
+
+    def truncated_cls(self, cls: torch.Tensor, dim: int) -> torch.Tensor:
+        """The first `dim` coordinates of a [CLS] state mapped back to the layers' width through the head's transform
+        (its first weight sliced to `dim` input columns)."""
+        transform = self.arch.head.transform
+        if first_linear(transform) is None:  # no transform: slicing an identity is padding with zeros
+            return torch.nn.functional.pad(cls, (0, self.arch.hidden_size - dim))
+        return self.arch.from_embedding_space(TruncatedInput(transform, first_linear(transform), dim)(cls))
 
     def pair_losses(self, states: torch.Tensor, dim: int, embedded: torch.Tensor,
                     batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed MLM, summed MAE) of one pair, from its layer's states cut to their first `dim` coordinates."""
-        head = mlm_head(self.encoder)
+        head = self.arch.head
         truncated = states[..., :dim]
         mlm = masked_lm_loss_sum(TruncatedInput(head, first_linear(head), dim), truncated, batch["input_ids"],
                                  batch["encoder_mask"])
-        cls = TruncatedInput(head.predictions.transform, "dense", dim)(truncated[:, 0])
-        decoded = self.decode(cls, embedded, batch["attention_mask"])
+        decoded = self.decode(self.truncated_cls(truncated[:, 0], dim), embedded, batch["attention_mask"])
         return mlm, masked_lm_loss_sum(head, decoded, batch["input_ids"], batch["decoder_mask"])
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        states = self.layer_states(batch)
-        embedded = token_embeddings(self.encoder, batch["decoder_input_ids"])
+        states = self.arch.layer_states(batch["encoder_input_ids"], batch["attention_mask"])
+        embedded = self.arch.embed(batch["decoder_input_ids"])
         # Six pairs each keep their vocabulary logits and a decoder pass for the backward pass: 1.6x MLM's peak at
         # BERT-base 4 x 512 (measured). Under checkpointing a pair keeps only its inputs (shared by all pairs) and is
         # recomputed in the backward pass, with the same dropout masks (the checkpoint restores the random state).

@@ -10,8 +10,11 @@ embedding layer) and predicts each next token through the encoder's MLM head (vo
 embeddings); the loss is that next-token cross-entropy at every real position after the first.
 
 Our defaults where the paper leaves it open: the decoder's output head is the encoder's MLM head itself (the
-paper's decoder starts from a copy of the checkpoint's head); the new cross-attention blocks are post-LN, as the
-encoder's layers, and randomly initialised.
+paper's decoder starts from a copy of the checkpoint's head); the new cross-attention blocks take the encoder's norm
+and its placement (post-LN on BERT, pre-norm on ModernBERT) and are randomly initialised. Any family: the encoder's
+layers are split into their attention and feed-forward blocks by its adapter (`retromae.architectures`), and their
+attention takes the causal mask in the form of the model's attention implementation (flash attention, which takes no
+such mask, is swapped for sdpa in the decoder's calls).
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import torch
 from torch import nn
 
 from retromae.config import ConfigError
+from retromae.decoders import VectorCrossAttention
 from retromae.masking import delete_words, kept_layout, maskable_positions, word_index
-from retromae.modeling import base_model, encoder_hidden, mlm_head, token_embeddings
 from retromae.objectives.base import Objective, ObjectiveConfig, masked_lm_loss_sum, maybe_recomputed, register
-from retromae.objectives.seed import MultiHeadAttention, init_linear_layers
 
 TSDAE_DELETION = 81  # random stream of the word deletion
 
@@ -41,60 +43,11 @@ class TSDAEConfig(ObjectiveConfig):
             raise ConfigError(f"objective.deletion_ratio={self.deletion_ratio} must be in [0, 1)", key="deletion_ratio")
 
 
-def encoder_layers(mlm) -> nn.ModuleList:
-    """The transformer layers of a BERT-like body, each with `attention`, `intermediate` and `output` parts."""
-    layers = getattr(getattr(base_model(mlm), "encoder", None), "layer", None)
-    if layers is None or not all(hasattr(layer, part) for layer in layers
-                                 for part in ("attention", "intermediate", "output")):
-        raise ConfigError(f"{type(mlm).__name__}: this objective reuses the encoder's layers and needs a BERT-like "
-                          "body (encoder.layer[i] with attention / intermediate / output)")
-    return layers
-
-
-def attention_implementation(config) -> str:
-    """The model's attention kernel, refused unless it takes a 4D mask of our making (sdpa, eager)."""
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"model.attn_implementation={implementation!r}: this objective runs the encoder's layers "
-                          "with its own attention masks, which needs sdpa or eager", key="attn_implementation")
-    return implementation
-
-
-def layer_attention_mask(config, visible: torch.Tensor) -> torch.Tensor:
-    """A (B, Lq, Lk) visibility mask in the form the model's own attention layers take: boolean for sdpa, additive
-    for eager."""
-    if attention_implementation(config) == "sdpa":
-        return visible.unsqueeze(1)
-    zeros = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
-    return zeros.masked_fill(~visible, torch.finfo(torch.float32).min).unsqueeze(1)
-
-
 def causal_visibility(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L, L): row i sees the real columns j <= i (column 0 always, so no row is empty)."""
     length = attention_mask.shape[1]
     lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
     return lower[None] & attention_mask.bool()[:, None, :]
-
-
-def decoder_layer(layer, cross, x: torch.Tensor, mask: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """One decoder layer: the encoder layer's causal self-attention, the cross-attention onto the pooled vector,
-    then the encoder layer's feed-forward block."""
-    x = layer.attention(x, mask)[0]
-    x = cross(x, vector)
-    return layer.output(layer.intermediate(x), x)
-
-
-class VectorCrossAttention(nn.Module):
-    """Post-LN cross-attention onto a single key/value per text: x -> LN(x + Attn(x, [vector]))."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.attention = MultiHeadAttention(config)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.attention(x, vector.unsqueeze(1), None)))
 
 
 @register
@@ -104,10 +57,8 @@ class TSDAE(Objective):
 
     def __init__(self, encoder, tokenizer, config: TSDAEConfig):
         super().__init__(encoder, tokenizer, config)
-        layers = encoder_layers(encoder)
-        attention_implementation(encoder.config)  # refused now rather than at the first step
-        self.cross_attention = nn.ModuleList(VectorCrossAttention(encoder.config) for _ in layers)
-        init_linear_layers(self.cross_attention, encoder.config)
+        spec = self.arch.decoder_spec()
+        self.cross_attention = nn.ModuleList(VectorCrossAttention(spec) for _ in range(self.arch.num_layers))
 
     def prepare(self, batch: dict) -> dict:
         ids, attention = batch["input_ids"], batch["attention_mask"]
@@ -125,22 +76,30 @@ class TSDAE(Objective):
 
     def pooled(self, batch: dict) -> torch.Tensor:
         """The sentence vector of the noisy text: its final [CLS] state, (B, D)."""
-        return encoder_hidden(self.encoder, batch["noisy_input_ids"], batch["noisy_attention_mask"])[:, 0]
+        return self.arch.forward(batch["noisy_input_ids"], batch["noisy_attention_mask"])[:, 0]
 
     def decode(self, vector: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The tied causal decoder over the shifted clean text, (B, L-1, D).
+        """The tied causal decoder over the shifted clean text, (B, L-1, D): each of the encoder's own layers, its
+        attention block under a causal mask, then the cross-attention onto the pooled vector, then its feed-forward
+        block (`retromae.architectures` splits the layer for every family); a pre-norm encoder's final norm last.
 
         The decoder is as deep as the encoder and reads the whole clean text, while the encoder reads only the 40%
         of it that survives deletion: kept for the backward pass, its activations would make TSDAE's step 1.6x
         MLM's at 32 x 512 (measured on an H200). Under `decoder_checkpointing` each layer keeps only its input and
         is recomputed in the backward pass (same dropout masks: the checkpoint restores the random state)."""
-        x = token_embeddings(self.encoder, batch["input_ids"][:, :-1])
-        mask = layer_attention_mask(self.encoder.config, batch["decoder_visible"])
-        for layer, cross in zip(encoder_layers(self.encoder), self.cross_attention):
-            x = maybe_recomputed(self.config.decoder_checkpointing, decoder_layer, layer, cross, x, mask, vector)
-        return x
+        x = self.arch.embed(batch["input_ids"][:, :-1])
+        context = self.arch.layer_context(x)
+        for layer, cross in zip(self.arch.layers, self.cross_attention):
+            x = maybe_recomputed(self.config.decoder_checkpointing, self.decoder_layer, layer, cross, x,
+                                 batch["decoder_visible"], context, vector)
+        return self.arch.final_norm(x)
+
+    def decoder_layer(self, layer, cross, x: torch.Tensor, visible: torch.Tensor, context, vector: torch.Tensor):
+        with self.arch.own_masks():  # inside: a recomputation in the backward pass sees the same masks
+            x = self.arch.self_attention(layer, x, self.arch.layer_mask(visible, layer), context)
+            return self.arch.feed_forward(layer, cross(x, vector))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         decoded = self.decode(self.pooled(batch), batch)
-        return {"decoder": masked_lm_loss_sum(mlm_head(self.encoder), decoded, batch["input_ids"][:, 1:],
+        return {"decoder": masked_lm_loss_sum(self.arch.head, decoded, batch["input_ids"][:, 1:],
                                               batch["decoder_targets"])}

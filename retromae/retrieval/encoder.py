@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retromae.architectures import attention_for, encoder_of
 from retromae.config import ConfigError
 from retromae.hardware import resolve_precision
 from retromae.modeling import from_pretrained, resolve_model_path
@@ -113,19 +114,21 @@ class TextEncoder:
         """Encode each text as [vector at layer l1 ; vector at layer l2 ; ...] (pooled, normalised per layer if
         the model is): one pass for the (layer, dim) evaluation of Starbucks-style models. Layer l is the output of
         transformer layer l (0: the embeddings)."""
-        count = self.model.config.num_hidden_layers
+        count = encoder_of(self.model).num_layers
         wrong = [layer for layer in layers if not 0 <= layer <= count]
         if wrong:
             raise ConfigError(f"layers {wrong}: the model has layers 0 (embeddings) to {count}")
         self.layers = list(layers)
-        self.dimension = self.model.config.hidden_size * len(layers)
+        self.dimension = encoder_of(self.model).hidden_size * len(layers)
         return self
 
     def _load(self, path: str, half, trust_remote_code: bool):
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
-        # fp32 weights whatever the checkpoint stores: precision is chosen by `precision`, not by the file
-        model = from_pretrained(AutoModel, path, "model", attn_implementation="sdpa",
+        # fp32 weights whatever the checkpoint stores: precision is chosen by `precision`, not by the file; the
+        # family's fast attention (sdpa where its transformers class has it, else eager)
+        config = from_pretrained(AutoConfig, path, "model", trust_remote_code=trust_remote_code)
+        model = from_pretrained(AutoModel, path, "model", config=config, attn_implementation=attention_for(config),
                                 trust_remote_code=trust_remote_code, dtype=torch.float32)
         model.eval().to(self.device)
         if half is not None:
@@ -160,8 +163,11 @@ class TextEncoder:
         features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         model = self.query_model if kind == "query" and self.query_model is not None else self.model
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = model(**features, output_hidden_states=self.layers is not None)
-        states = [out.hidden_states[layer] for layer in self.layers] if self.layers else [out.last_hidden_state]
+            if self.layers:  # each layer's states as the model's head reads them (a pre-norm model's final norm)
+                every = encoder_of(model).layer_states(features["input_ids"], features["attention_mask"])
+                states = [every[layer] for layer in self.layers]
+            else:
+                states = [model(**features).last_hidden_state]
         vectors = [pool(hidden.float(), features["attention_mask"], self.pooling) for hidden in states]
         if self.normalize:
             vectors = [torch.nn.functional.normalize(v, dim=-1) for v in vectors]

@@ -2,7 +2,8 @@
 3 steps' weights, with ACCUMULATION micro-batches per step.
 
 Written by the main process to OUT (safetensors for tensors, JSON for numbers). Used by test_multiprocess.py.
-Usage: [accelerate launch ...] python ddp_probe.py MODEL_DIR CORPUS OUT_DIR PER_DEVICE_BATCH [ACCUMULATION]
+Usage: [accelerate launch ...] python ddp_probe.py MODEL_DIR CORPUS OUT_DIR PER_DEVICE_BATCH [ACCUMULATION [OBJECTIVE]]
+(OBJECTIVE: the objective section as JSON; default RetroMAE)
 """
 
 import json
@@ -20,8 +21,9 @@ from retromae.cli import end_process_group  # noqa: E402
 from retromae.trainer import Trainer, make_accelerator  # noqa: E402
 
 
-def main(model_dir: str, corpus: str, out: str, per_device: int, accumulation: int = 1) -> None:
-    cfg = tiny_config(model_dir, corpus, out, model={"dropout": 0.0},
+def main(model_dir: str, corpus: str, out: str, per_device: int, accumulation: int = 1,
+         objective: dict | None = None) -> None:
+    cfg = tiny_config(model_dir, corpus, out, model={"dropout": 0.0}, objective=objective or {"name": "retromae"},
                       train={"per_device_batch_size": per_device, "max_steps": 3, "lr": 2e-2, "warmup_ratio": 0.0,
                              "gradient_accumulation_steps": accumulation})
     accelerator = make_accelerator(cfg.train)
@@ -61,4 +63,5 @@ def main(model_dir: str, corpus: str, out: str, per_device: int, accumulation: i
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1,
+         json.loads(sys.argv[6]) if len(sys.argv) > 6 else None)
