@@ -106,7 +106,6 @@ class Encoder:
     """A BERT-like body: `embeddings`, `encoder.layer[i]` with attention / intermediate / output, post-LN,
     absolute positions; MLM head `cls.predictions` (transform + decoder). Other families override what differs."""
 
-    family: ClassVar[str] = "bert"
     model_types: ClassVar[tuple[str, ...]] = ("bert",)
     positions: ClassVar[str] = "absolute"  # absolute (a table added to the inputs) | rotary | relative (in attention)
     prenorm: ClassVar[bool] = False  # norm before each block and a final norm (ModernBERT, EuroBERT)
@@ -275,7 +274,6 @@ def rope_theta(config) -> float | None:
 class RobertaEncoder(Encoder):
     """RoBERTa, XLM-RoBERTa, CamemBERT: BERT's body, positions counted from padding_idx + 1, head `lm_head`."""
 
-    family = "roberta"
     model_types = ("roberta", "xlm-roberta", "camembert")
 
     def head_transform(self) -> nn.Module:
@@ -290,7 +288,6 @@ class ElectraEncoder(Encoder):
     """ELECTRA: BERT's body whose embeddings may be narrower than the layers (`embeddings_project`); the MLM head is
     the generator's (hidden -> embedding size -> vocabulary)."""
 
-    family = "electra"
     model_types = ("electra",)
 
     def embed(self, input_ids, position_ids=None):
@@ -314,7 +311,6 @@ class DistilBertEncoder(Encoder):
     """DistilBERT: `transformer.layer[i]` blocks (attention, sa_layer_norm, ffn, output_layer_norm), no token types,
     head vocab_transform / vocab_layer_norm / vocab_projector."""
 
-    family = "distilbert"
     model_types = ("distilbert",)
     token_types = False
 
@@ -349,7 +345,6 @@ class MPNetEncoder(Encoder):
     """MPNet: BERT-like layers plus a relative position bias computed once per forward from the sequence order;
     absolute positions counted from padding_idx + 1; RoBERTa-like head. Its transformers class has no sdpa."""
 
-    family = "mpnet"
     model_types = ("mpnet",)
     packable = False  # the relative bias reads positions from the order of the sequence
     token_types = False
@@ -375,14 +370,14 @@ class DebertaEncoder(Encoder):
     optional convolution beside layer 0 (v2-xlarge). Head: the legacy `cls.predictions`, or `lm_predictions`, which
     multiplies by the word embeddings itself. Its transformers class has no sdpa."""
 
-    family = "deberta-v2"
     model_types = ("deberta-v2",)
+    positions = "relative"
     packable = False
 
     def __init__(self, model):
         super().__init__(model)
-        if not getattr(self.config, "position_biased_input", True):
-            self.positions = "relative"
+        if getattr(self.config, "position_biased_input", True):  # v2 base: a position table added to the inputs too
+            self.positions = "absolute"
 
     def embed(self, input_ids, position_ids=None):
         return self.body.embeddings(input_ids=input_ids, position_ids=position_ids)
@@ -447,7 +442,6 @@ class ModernBertEncoder(RotaryEncoder):
     rotary angles per layer type, and sliding-window attention in most layers (each row sees the tokens within
     `sliding_window` positions); head `head` (dense, act, norm) + `decoder`."""
 
-    family = "modernbert"
     model_types = ("modernbert",)
     prenorm = True
     packable = False  # sliding windows are counted in the order of the sequence
@@ -495,7 +489,6 @@ class EuroBertEncoder(RotaryEncoder):
     """EuroBERT: Llama-style pre-norm layers with RMSNorm and SwiGLU, rotary, a final RMSNorm, no embedding norm;
     head: the vocabulary projection alone (no transform)."""
 
-    family = "eurobert"
     model_types = ("eurobert",)
     prenorm = True
 
@@ -529,7 +522,6 @@ class GteEncoder(RotaryEncoder):
     """GTE (Alibaba's new-impl encoders): post-LN layers with rotary attention and a gated MLP, embeddings with
     token types and a LayerNorm, a RoBERTa-like head `lm_head`."""
 
-    family = "gte"
     model_types = ("gte",)
     token_types = True
 
@@ -547,7 +539,6 @@ class GteEncoder(RotaryEncoder):
 class NomicBertEncoder(GteEncoder):
     """NomicBERT (nomic-embed's encoder): GTE's layer layout with BERT's head `cls.predictions`."""
 
-    family = "nomic_bert"
     model_types = ("nomic_bert",)
 
     head_transform = Encoder.head_transform

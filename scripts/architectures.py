@@ -74,9 +74,12 @@ def render(cells: dict, families: list[str], objectives: list[str]) -> str:
     return "\n".join(lines)
 
 
-def document(table: str, cells: dict, seconds: float) -> str:
-    import platform
+def cpu_name() -> str:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "this CPU")
 
+
+def document(table: str, cells: dict, seconds: float) -> str:
     from retromae.architectures import FAMILIES
 
     notes = [f"- {f} × {o}: {c.status}: {c.detail}" for (f, o), c in cells.items() if c.status != "ok"]
@@ -87,7 +90,7 @@ def document(table: str, cells: dict, seconds: float) -> str:
     return f"""# Objectives × encoder families
 
 Produced by `python scripts/architectures.py --write` ({len(cells)} cells in {seconds / 60:.1f} minutes on
-{platform.processor() or platform.machine()}, 2 cores). Each cell: a tiny random model of the family (2 layers of 32,
+{cpu_name()}, 2 cores). Each cell: a tiny random model of the family (2 layers of 32,
 a tokenizer of the kind its checkpoints ship), 2 steps of `retromae pretrain` with the objective, the export loaded
 with `AutoModel` and `SentenceTransformer`, and `retromae evaluate`'s encoder checked against
 `SentenceTransformer.encode_query` / `encode_document`. ✓ ok, R refused before any model loads (reason below),

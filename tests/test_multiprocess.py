@@ -176,4 +176,6 @@ def test_two_processes_equal_one_on_modernbert(modernbert_model, corpus_file, tm
     done = accelerate_launch([str(PROBE), str(family_model), str(corpus_file), str(tmp_path / "two"), "4", "1", spec],
                              cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    compare(tmp_path / "one", tmp_path / "two")
+    # losses and gradients as strictly as for BERT; weights after 3 AdamW steps within 2% of the largest move: Adam's
+    # g / sqrt(v) turns float noise in near-zero gradients into up to 2.2e-4 here (measured, coCondenser)
+    compare(tmp_path / "one", tmp_path / "two", weight_atol=1e-3)

@@ -72,7 +72,7 @@ def test_chunked_logit_losses_equal_the_whole_computation(tiny_model, docstrings
         return ce.detach(), mu.detach(), hidden.grad.clone()
 
     whole = both()
-    monkeypatch.setattr(base, "LOGIT_BUDGET", 3 * len(tokenizer))  # chunks of 256 rows, blocks of 1 position
+    monkeypatch.setattr(base, "LOGIT_BUDGET", 3 * len(tokenizer))  # chunks of 3 rows, blocks of 1 position
     chunked = both()
     # a max is exact, but the logits it takes come from matrix products of other shapes, which some CPUs (an AVX-512
     # EPYC here) round differently in the last bit: equal to fp32 rounding, not bit for bit
@@ -80,6 +80,81 @@ def test_chunked_logit_losses_equal_the_whole_computation(tiny_model, docstrings
     assert torch.allclose(whole[2], chunked[2], atol=1e-6)
     reference = max_pool_logits(head(hidden.detach()), batch["bow_positions"])
     assert torch.allclose(whole[1], reference)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_projection_cross_entropy_equals_autograd(with_bias):
+    """The fused vocabulary projection + cross-entropy (gradients made chunk by chunk in the forward pass, scaled by
+    the upstream gradient in the backward pass) gives F.cross_entropy(F.linear(...))'s sum and gradients, exactly in
+    fp64 and to bf16 rounding under autocast."""
+    import torch.nn.functional as F
+
+    from retromae.objectives.base import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, 50, (37,))
+    grads = []
+    for fused in (False, True):
+        for t in (x, weight, bias):
+            if t is not None:
+                t.grad = None
+        if fused:
+            from retromae.objectives import base
+
+            loss = base.LinearCrossEntropySum.apply(x, weight, bias, targets, 5)  # 8 chunks of 5 rows
+        else:
+            loss = F.cross_entropy(F.linear(x, weight, bias), targets, reduction="sum")
+        (3.0 * loss).backward()  # an upstream gradient other than 1
+        grads.append((loss.detach(), x.grad.clone(), weight.grad.clone(), None if bias is None else bias.grad.clone()))
+    for ours, theirs in zip(grads[1], grads[0]):
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    results = []
+    for fused in (False, True):
+        x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+        b32 = None if bias is None else bias.detach().float().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (linear_cross_entropy_sum(x32, w32, b32, targets) if fused
+                    else F.cross_entropy(F.linear(x32, w32, b32).float(), targets, reduction="sum"))
+        loss.backward()
+        results.append((loss.detach(), x32.grad, w32.grad))
+    (theirs, *their_grads), (ours, *our_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=0)  # both: bf16 products, fp32 softmax
+    for mine, reference in zip(our_grads, their_grads):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_max_pooled_projection_gradients_equal_autograd():
+    """DupMAE's mu by blocks of positions, keeping only each (text, word)'s winning position, has autograd's
+    gradients for x, W and b (fp64, exact); a text with no position gives -inf and no gradient."""
+    import torch.nn.functional as F
+
+    from retromae.objectives.base import MaxPooledProjection
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    positions = torch.rand(3, 11) > 0.4
+    positions[2] = False
+    upstream = torch.randn(3, 20, dtype=torch.float64)
+    grads = []
+    for fused in (False, True):
+        for t in (x, weight, bias):
+            t.grad = None
+        if fused:
+            mu = MaxPooledProjection.apply(x, weight, bias, positions, 4)  # blocks of 4 positions
+        else:
+            mu = F.linear(x, weight, bias).masked_fill(~positions[..., None], float("-inf")).max(dim=1).values
+        assert torch.isinf(mu[2]).all() and torch.isfinite(mu[:2]).all()
+        (mu[:2] * upstream[:2]).sum().backward()
+        grads.append((mu.detach(), x.grad.clone(), weight.grad.clone(), bias.grad.clone()))
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_dupmae_positions_and_losses(tiny_model, docstrings):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from retromae.config import ConfigError, build
@@ -129,60 +128,140 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-# Vocabulary logits held at once by the losses below (rows x vocabulary): 2^26 is 128 MB in bf16, 256 MB in fp32.
-LOGIT_BUDGET = 1 << 26
+# Vocabulary logits held at once (rows x vocabulary) by the fused cross-entropy and max-pooling below, whose chunks
+# live ~11 bytes a logit (fp32 logits and softmax, their bf16 copies): 2^23 is ~90 MB, and their products stay large
+# (275 rows x hidden x 30,522 words for BERT).
+LOGIT_BUDGET = 1 << 23
 
 
 def masked_lm_loss_sum(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the MLM head predicting `input_ids` at the positions `where` (bool, B x L) only.
+    """Summed cross-entropy of the MLM head (`retromae.architectures.MLMHead`: transform, then the vocabulary
+    projection) predicting `input_ids` at the positions `where` (bool, B x L) only.
 
-    Computing logits only where there is a label (not at every position, as `BertForMaskedLM` does) is what
-    keeps a vocabulary-sized projection from dominating the step. When there are many labels (RetroMAE's decoder
-    predicts every token: 32 x 512 x 30,522 logits are 2 GB in fp32, and autograd would keep them and their
-    log-softmax for the backward pass), the rows go through the head in chunks, each under activation
-    checkpointing: only the hidden rows are kept, and each chunk's logits are recomputed in the backward pass.
-    """
+    Computing logits only where there is a label (not at every position, as `BertForMaskedLM` does) is what keeps
+    a vocabulary-sized projection from dominating the step. The projection and its cross-entropy are fused
+    (`LinearCrossEntropySum`): a chunk of rows at a time, and never kept for the backward pass."""
     positions = where.nonzero(as_tuple=True)  # one device sync, shared by the states and the labels
     if positions[0].numel() == 0:
         return hidden.sum() * 0.0
     rows, targets = hidden[positions], input_ids[positions]
-    chunk = max(256, LOGIT_BUDGET // _vocabulary(head, rows))
-    if rows.shape[0] <= chunk or not torch.is_grad_enabled():
-        return _cross_entropy_sum(head, rows, targets)
-    from torch.utils.checkpoint import checkpoint
-
-    return sum(checkpoint(_cross_entropy_sum, head, rows[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-               for i in range(0, rows.shape[0], chunk))
+    projection = head.projection
+    return linear_cross_entropy_sum(head.transform(rows), projection.weight, projection.bias, targets)
 
 
-def _cross_entropy_sum(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(full_precision(head(rows)), targets, reduction="sum")
+def linear_cross_entropy_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             targets: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(x_i W^T + b, y_i), x (N, D), W (V, D): the logits `LOGIT_BUDGET` at a time, never all at once."""
+    chunk = max(1, LOGIT_BUDGET // weight.shape[0])
+    return LinearCrossEntropySum.apply(x, weight, bias, targets, chunk)
 
 
-def _vocabulary(head: nn.Module, rows: torch.Tensor) -> int:
-    """The head's output size, without running it (its vocab_size, else the largest out_features of its linear
-    layers)."""
-    if getattr(head, "vocab_size", None):
-        return head.vocab_size
-    sizes = [m.out_features for m in head.modules() if isinstance(m, nn.Linear)]
-    return max(sizes) if sizes else rows.shape[-1]
+class LinearCrossEntropySum(torch.autograd.Function):
+    """A vocabulary projection and its summed cross-entropy, with the gradients computed as each chunk's logits are
+    made (softmax - one-hot is the gradient of the logits) and only those kept: (N, D) for x, (V, D) for W, (V,)
+    for b, scaled in the backward pass by the upstream gradient (the loss is a sum, so that is a scalar).
+
+    Written by hand because autograd keeps what a cross-entropy needs for its backward pass, the (N, V) logits and
+    their log-softmax: RetroMAE's decoder predicts every token, 32 x 512 x 30,522 logits are 2 GB in fp32, and on a
+    long text (8,192 tokens) they are most of the step. Checkpointed chunks (what this replaces) bounded that too, at
+    the cost of a second pass through the projection; here there is none. Under autocast the products run in its
+    precision, softmax and sums in fp32, as F.cross_entropy under autocast does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk):
+        wants = ctx.needs_input_grad
+        exact = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # fp32, or fp64
+        total = torch.zeros((), dtype=exact, device=x.device)
+        grad_x = torch.empty_like(x) if wants[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=exact, device=x.device) if wants[1] else None
+        grad_b = torch.zeros(weight.shape[0], dtype=exact, device=x.device) if wants[2] else None
+        for start in range(0, x.shape[0], chunk):
+            rows, labels = x[start : start + chunk], targets[start : start + chunk]
+            logits = torch.nn.functional.linear(rows, weight, bias).to(exact)
+            log_norm = logits.logsumexp(-1)
+            total = total + (log_norm - logits.gather(1, labels[:, None]).squeeze(1)).sum()
+            if not any(wants[:3]):
+                continue
+            probabilities = (logits - log_norm[:, None]).exp_()  # the logits' gradient: softmax - one-hot
+            probabilities[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+            grad = probabilities.to(logits.dtype if not torch.is_autocast_enabled(x.device.type)
+                                    else torch.get_autocast_dtype(x.device.type))
+            if grad_x is not None:
+                grad_x[start : start + chunk] = (grad @ weight.to(grad.dtype)).to(x.dtype)
+            if grad_w is not None:
+                grad_w += (grad.T @ rows.to(grad.dtype)).to(exact)
+            if grad_b is not None:
+                grad_b += probabilities.sum(0)
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        scale = lambda g, dtype: None if g is None else (g * upstream).to(dtype)  # noqa: E731
+        return scale(grad_x, x_dtype), scale(grad_w, w_dtype), scale(grad_b, b_dtype), None, None
 
 
 def max_pooled_logits(head: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """mu: the head's logits max-pooled over the `positions` (B, L) of each text -> (B, V), in fp32.
+    """mu: the MLM head's logits max-pooled over the `positions` (B, L) of each text -> (B, V), in fp32 (-inf for a
+    text with no position).
 
-    Computed a block of positions at a time, in the activations' precision (a max is exact in any precision),
-    and only the pooled (B, V) result is cast: the (B, L, V) logits, 1 GB in bf16 at 32 x 512 for BERT, never exist
-    at once, and autograd keeps only each block's argmax.
-    """
+    The (B, L, V) logits (1 GB in bf16 at 32 x 512 for BERT; at 8,192 tokens, 0.5 GB per text) never exist at once:
+    `MaxPooledProjection` runs a block of positions at a time and keeps, for the backward pass, only which position
+    won each (text, word) (a max passes its gradient to its argmax alone)."""
     batch, length = positions.shape
-    block = max(1, LOGIT_BUDGET // max(1, batch * _vocabulary(head, hidden)))
-    pooled = None
-    for start in range(0, length, block):
-        logits = head(hidden[:, start : start + block])
-        logits = logits.masked_fill(~positions[:, start : start + block, None], float("-inf")).max(dim=1).values
-        pooled = logits if pooled is None else torch.maximum(pooled, logits)
+    projection = head.projection
+    block = max(1, LOGIT_BUDGET // max(1, batch * projection.weight.shape[0]))
+    pooled = MaxPooledProjection.apply(head.transform(hidden), projection.weight, projection.bias, positions, block)
     return full_precision(pooled)
+
+
+class MaxPooledProjection(torch.autograd.Function):
+    """mu[b, v] = max over the positions l of text b of (x[b, l] W^T + bias)[v], a block of positions at a time.
+
+    Written by hand because autograd would keep, for every block, its (B, V) argmax and the (B, V) operands of each
+    running maximum: with blocks small enough for a long text, that is as much as the logits. Here the forward
+    pass keeps the winning position of each (text, word), and the backward pass sends each mu's gradient to that
+    position's logit, a block at a time: grad x = G W, grad W = G^T x, grad bias = sum of G."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, positions, block):
+        batch, length, _ = x.shape
+        pooled, winner = None, None
+        for start in range(0, length, block):
+            logits = torch.nn.functional.linear(x[:, start : start + block], weight, bias)
+            logits = logits.masked_fill(~positions[:, start : start + block, None], float("-inf"))
+            values, where = logits.max(dim=1)
+            if pooled is None:
+                pooled, winner = values, where
+            else:
+                better = values > pooled
+                pooled, winner = torch.where(better, values, pooled), torch.where(better, where + start, winner)
+        winner = winner.masked_fill(torch.isinf(pooled), -1)  # a text with no position passes no gradient
+        ctx.save_for_backward(x, weight, winner)
+        ctx.block, ctx.has_bias, ctx.dtype = block, bias is not None, pooled.dtype
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, winner = ctx.saved_tensors
+        wants = ctx.needs_input_grad
+        dtype = ctx.dtype  # the forward pass's product precision (bf16 under autocast)
+        grad = grad.to(dtype)
+        grad_x = torch.zeros_like(x) if wants[0] else None
+        exact = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=exact, device=x.device) if wants[1] else None
+        for start in range(0, x.shape[1], ctx.block):
+            rows = torch.arange(start, min(start + ctx.block, x.shape[1]), device=x.device)
+            spread = (winner[:, None, :] == rows[None, :, None]).to(dtype) * grad[:, None, :]  # (B, block, V)
+            if grad_x is not None:
+                grad_x[:, rows] = (spread @ weight.to(dtype)).to(x.dtype)
+            if grad_w is not None:
+                grad_w += torch.einsum("blv,bld->vd", spread, x[:, rows].to(dtype)).to(exact)
+        grad_b = (grad * (winner >= 0)).sum(0).to(weight.dtype) if ctx.has_bias and wants[2] else None
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), grad_b, None, None
 
 
 def same_document_elsewhere(batch: dict, first_text: int, all_docs: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from retromae.architectures import MLMHead
 from retromae.config import ConfigError
 from retromae.masking import (
     DECODER_RANDOM_IDS,
@@ -76,11 +77,34 @@ class TruncatedInput(nn.Module):
     def __init__(self, module: nn.Module, linear: str, dim: int):
         super().__init__()
         self.module, self.linear, self.dim = module, linear, dim
-        self.vocab_size = getattr(module, "vocab_size", None)  # for the loss's chunking, when `module` is a head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.module.get_submodule(self.linear).weight
         return torch.func.functional_call(self.module, {f"{self.linear}.weight": weight[:, : self.dim]}, (x,))
+
+
+class SlicedProjection(nn.Module):
+    """A vocabulary projection reading only the first `dim` features: its weight's first `dim` columns (the same
+    parameter, sliced)."""
+
+    def __init__(self, projection: nn.Module, dim: int):
+        super().__init__()
+        self.projection, self.dim = projection, dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection.weight[:, : self.dim]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.projection.bias
+
+    @property
+    def out_features(self) -> int:
+        return self.projection.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def first_linear(module: nn.Module) -> str | None:
@@ -138,13 +162,21 @@ class Starbucks(MaskedLM):
             return torch.nn.functional.pad(cls, (0, self.arch.hidden_size - dim))
         return self.arch.from_embedding_space(TruncatedInput(transform, first_linear(transform), dim)(cls))
 
+    def truncated_head(self, dim: int) -> MLMHead:
+        """The MLM head reading `dim` features: its first linear layer's weight cut to its first `dim` columns (the
+        projection's, for a head without a transform)."""
+        head = self.arch.head
+        linear = first_linear(head.transform)
+        if linear is None:
+            return MLMHead(head.transform, SlicedProjection(head.projection, dim))
+        return MLMHead(TruncatedInput(head.transform, linear, dim), head.projection)
+
     def pair_losses(self, states: torch.Tensor, dim: int, embedded: torch.Tensor,
                     batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed MLM, summed MAE) of one pair, from its layer's states cut to their first `dim` coordinates."""
         head = self.arch.head
         truncated = states[..., :dim]
-        mlm = masked_lm_loss_sum(TruncatedInput(head, first_linear(head), dim), truncated, batch["input_ids"],
-                                 batch["encoder_mask"])
+        mlm = masked_lm_loss_sum(self.truncated_head(dim), truncated, batch["input_ids"], batch["encoder_mask"])
         decoded = self.decode(self.truncated_cls(truncated[:, 0], dim), embedded, batch["attention_mask"])
         return mlm, masked_lm_loss_sum(head, decoded, batch["input_ids"], batch["decoder_mask"])
 
