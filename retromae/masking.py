@@ -42,6 +42,7 @@ class TokenTables:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int | None = None, name: str = "") -> "TokenTables":
+        check_text_start(tokenizer, name)
         if tokenizer.mask_token_id is None:
             raise TokenizerError(
                 f"tokenizer {name or tokenizer.name_or_path!r} has no mask token, so it cannot be used for masked "
@@ -76,6 +77,17 @@ class TokenTables:
             self.mask_id,
             self.pad_id,
         )
+
+
+def check_text_start(tokenizer, name: str = "") -> None:
+    """Every objective reads a text's vector at position 0 (h, the sentence embedding): the tokenizer must put a
+    special token there ([CLS], <s>, a BOS), whatever its family calls it."""
+    encoded = tokenizer("retrieval", add_special_tokens=True)["input_ids"]
+    if not encoded or encoded[0] not in set(tokenizer.all_special_ids):
+        raise TokenizerError(
+            f"tokenizer {name or tokenizer.name_or_path!r} puts no special token before a text ([CLS], <s> or a BOS): "
+            "the objectives read the text's vector at position 0; give its tokenizer.json a post-processor that adds "
+            "one (as the family's own tokenizer does), or pick that tokenizer in model.tokenizer")
 
 
 def _word_marker(tokenizer) -> tuple[str, str]:

@@ -14,6 +14,7 @@ from retromae.data.examples import DataConfig
 from retromae.data.store import cache_folder, corpus_statistics, prepare_store
 from retromae.data.stream import StreamBatches
 from retromae.export import export_model, load_heads_if_present
+from retromae.masking import TokenTables
 from retromae.modeling import (
     ModelConfig,
     check_model_source,
@@ -148,6 +149,7 @@ def run(cfg: PretrainConfig) -> dict:
     with claim_output_dir(cfg.train, to_dict(cfg), accelerator):
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
+        TokenTables.from_tokenizer(tokenizer)  # a tokenizer masking cannot use is refused before the data is prepared
         batches = build_batches(cfg, tokenizer, accelerator)
         objective, tokenizer = build_objective(cfg, tokenizer)
         attach_statistics(objective, cfg, tokenizer)

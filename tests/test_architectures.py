@@ -274,3 +274,24 @@ def test_every_family_fine_tunes_and_evaluates(matrix_root, matrix_texts, beir_t
                             SearchConfig(metrics=["ndcg@10", "recall@100"]))
     assert 0.0 < scores["recall@100"] <= 1.0 and 0.0 <= scores["ndcg@10"] <= 1.0
     assert encodings_agree(result["model_dir"], matrix_texts[:4]) is None
+
+
+def test_a_tokenizer_that_puts_nothing_at_position_zero_is_refused_before_the_data(matrix_root, matrix_texts,
+                                                                                  matrix_corpus, tmp_path):
+    """The objectives read a text's vector at position 0: a tokenizer that adds no [CLS] / <s> / BOS stops the run in
+    one line, before the example cache is built."""
+    import shutil
+
+    from retromae.masking import TokenizerError
+    from retromae.matrix import cell_config
+    from retromae.pretrain import run
+
+    model = tmp_path / "no_start"
+    shutil.copytree(family_model(matrix_root, "modernbert", matrix_texts), model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["post_processor"] = None
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = cell_config(model, matrix_corpus, tmp_path / "run", "retromae")
+    with pytest.raises(TokenizerError, match="puts no special token before a text"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists(), "refused before the data was prepared"
