@@ -136,3 +136,29 @@ def test_lexmae_loss_goes_down_and_its_decoder_is_not_exported(lexmae, tiny_toke
     assert losses[-1] < losses[0] - 0.5, losses
     heads = lexmae.heads_state_dict()
     assert "decoder_bias" in heads and not any("word_embeddings" in k for k in heads)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model, corpus_file, tmp_path):
+    """LexMAE's losses are sums over their own tokens, counted over the global batch: 2 processes x 4 texts compute
+    the losses and gradients of 1 process x 8 (float64)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import safetensors.torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_objective_family import launch
+
+    spec = json.dumps({"name": "lexmae"})
+    one = launch([str(tiny_model), str(corpus_file), str(tmp_path / "one"), "8", spec, "float64"], 1, tmp_path)
+    two = launch([str(tiny_model), str(corpus_file), str(tmp_path / "two"), "4", spec, "float64"], 2, tmp_path)
+    assert two["num_processes"] == 2 and set(one["means"]) == {"mlm", "decoder"}
+    for name in one["means"]:
+        assert two["means"][name] == pytest.approx(one["means"][name], rel=1e-10), name
+    g1 = safetensors.torch.load_file(str(tmp_path / "one" / "grads.safetensors"))
+    g2 = safetensors.torch.load_file(str(tmp_path / "two" / "grads.safetensors"))
+    assert any(k.startswith("decoder") for k in g1)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-10, rtol=1e-7), k

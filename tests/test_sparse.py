@@ -238,3 +238,42 @@ def test_splade_fine_tunes_exports_and_sparse_encoder_agrees(tiny_model, beir_ta
     for line in mined.read_text().splitlines():
         record = json.loads(line)
         assert not set(record["negative_ids"]) & set(record["positive_ids"])
+
+
+def test_a_study_of_sparse_arms_pretrains_lexmae_and_splade_fine_tunes_from_its_head(tiny_model, corpus_file,
+                                                                                      beir_task, tmp_path):
+    """A study whose arms are SPLADE-fine-tuned and evaluated by sparse search: the LexMAE arm's fine-tuning starts
+    from the MLM head LexMAE trained (model/pretraining/heads.safetensors), the control's from the checkpoint's."""
+    import safetensors.torch
+
+    from conftest import tiny_config
+    from retromae.config import dump_yaml
+    from retromae.study import load_study, run_study
+
+    pretrain = tmp_path / "pretrain.yaml"
+    dump_yaml(tiny_config(tiny_model, corpus_file, tmp_path / "unused", train={"max_steps": 1, "lr": 1e-2}), pretrain)
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(json.dumps({
+        "data": {"train": str(beir_task), "group_size": 1, "query_max_len": 24, "passage_max_len": 32},
+        "loss": {"representation": "splade"},
+        "train": {"per_device_batch_size": 8, "max_steps": 1, "lr": 1e-12, "report_to": "none", "cpu": True,
+                  "mixed_precision": "no"}}))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: s\ndata_root: {beir_task.parent}\ndatasets: [{beir_task.name}]\n"
+                     "search:\n  metrics: [ndcg@10]\n  representation: splade\nencode:\n  precision: 'no'\n")
+    study = tmp_path / "study.yaml"
+    study.write_text(json.dumps({
+        "name": "sparse", "output_dir": str(tmp_path / "out"), "model": str(tiny_model), "seeds": [1],
+        "pretrain": str(pretrain), "budget_tokens": 8 * 64, "finetune": str(finetune), "suite": str(suite),
+        "baselines": ["bm25"], "arms": [{"name": "control", "objective": None},
+                                        {"name": "lexmae", "objective": {"name": "lexmae"}}]}))
+    report = run_study(load_study(str(study)))
+    assert set(report["arms"]) == {"control", "lexmae"} and "bm25" in report["references"]
+    out = tmp_path / "out"
+    heads = safetensors.torch.load_file(str(out / "lexmae" / "seed1" / "pretrain" / "model" / "pretraining" /
+                                            "heads.safetensors"))
+    tuned = safetensors.torch.load_file(str(out / "lexmae" / "seed1" / "model" / "model.safetensors"))
+    key = "cls.predictions.transform.dense.weight"
+    original = safetensors.torch.load_file(str(tiny_model / "model.safetensors"))[key]
+    assert not torch.allclose(heads["encoder." + key], original), "LexMAE moved the head"
+    torch.testing.assert_close(tuned[key], heads["encoder." + key], atol=1e-6, rtol=0), "fine-tuning started there"

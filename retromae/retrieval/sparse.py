@@ -292,7 +292,7 @@ class SeismicSearch:
         if dataset.len:
             self.index = seismic.SeismicIndex.build_from_dataset(
                 dataset, n_postings=cfg.n_postings, centroid_fraction=cfg.centroid_fraction,
-                summary_energy=cfg.summary_energy, max_fraction=cfg.max_fraction)
+                summary_energy=cfg.summary_energy, max_fraction=cfg.max_fraction, num_threads=cfg.threads)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = queries.shape[0]
@@ -305,14 +305,16 @@ class SeismicSearch:
         values = [queries.data[queries.indptr[i] : queries.indptr[i + 1]].astype(np.float32) for i in range(q)]
         found = self.index.batch_search(ids, components, values, k, self.cfg.query_cut, self.cfg.heap_factor,
                                         num_threads=self.cfg.threads)
-        for hits in found:  # in no particular order (searched in parallel): each hit names its query
-            if not hits:
-                continue
-            i = int(hits[0][0])
-            positions = np.array([int(doc) for _, _, doc in hits], dtype=np.int64)
-            exact = (self.docs[positions] @ queries[i].T).toarray().ravel().astype(np.float32)
-            order = np.lexsort((positions, -exact))[:k]
-            out_scores[i, : len(order)], out_positions[i, : len(order)] = exact[order], positions[order]
+        pairs = [(int(q), int(doc)) for hits in found for q, _, doc in hits]  # hits come in no particular order
+        if not pairs:
+            return out_scores, out_positions
+        rows, positions = np.array(pairs, dtype=np.int64).T
+        exact = np.asarray(self.docs[positions].multiply(queries[rows]).sum(1), dtype=np.float32).ravel()
+        order = np.lexsort((positions, -exact, rows))
+        rows, positions, exact = rows[order], positions[order], exact[order]
+        rank = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+        keep = rank < k
+        out_scores[rows[keep], rank[keep]], out_positions[rows[keep], rank[keep]] = exact[keep], positions[keep]
         return out_scores, out_positions
 
 
@@ -470,8 +472,9 @@ def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
 
 def evaluate_fused(models: list[tuple[str, str]], dataset: str, split: str | None, encode_cfg, search,
                    fusion: FusionConfig, output: str | None = None, run_file: str | None = None) -> dict | None:
-    """Evaluate each (model, representation) alone, then their fusion: {"fused": metrics, "parts": [metrics ...]}
-    on the main process. Each part runs through `evaluate_model` (so under a launch, spread over processes)."""
+    """Evaluate each (model, representation) alone, then their fusion: the fused metrics with "parts" (each one's
+    metrics), on the main process. Each part runs through `evaluate_model` (so under a launch, spread over processes),
+    or, for a model given as a TREC run file (`... --run RUN.trec` of an earlier evaluation), is read from it."""
     import tempfile
     from dataclasses import replace
 
@@ -486,8 +489,12 @@ def evaluate_fused(models: list[tuple[str, str]], dataset: str, split: str | Non
     parts, runs = [], []
     for i, (model, representation) in enumerate(models):
         path = folder / f"run{i}.trec"
-        part = evaluate_model(model, data, split, encode_cfg, replace(search, representation=representation),
-                              run_file=str(path))
+        if model.endswith(".trec") and Path(model).is_file():
+            path, representation = Path(model), "run file"
+            part = score_run(read_trec_run(path), data, search)[0] if process_state().is_main_process else None
+        else:
+            part = evaluate_model(model, data, split, encode_cfg, replace(search, representation=representation),
+                                  run_file=str(path))
         if part is not None:
             parts.append({"model": model, "representation": representation,
                           **{m: part[m] for m in search.metrics}})
