@@ -232,6 +232,9 @@ def test_splade_fine_tunes_exports_and_sparse_encoder_agrees(tiny_model, beir_ta
                              SearchConfig(metrics=["ndcg@10"], representation="splade",
                                           sparse=SparseSearchConfig(index="seismic", threads=1)))
     assert abs(seismic["ndcg@10"] - exact["ndcg@10"]) < 0.05
+    report = seismic["sparsity"]
+    assert report["exact"]["ndcg@10"] == pytest.approx(exact["ndcg@10"], abs=1e-9), "the same vectors, exact search"
+    assert report["seismic_recall@10_vs_exact"] >= 0.9
     mined = tmp_path / "mined.jsonl"
     mine_negatives(model, str(beir_task), str(mined), "train", EncodeConfig(precision="no"),
                    MineConfig(depth=5, representation="splade"))

@@ -34,7 +34,7 @@ class MineConfig:
     index: str = "Flat"  # faiss factory string
     title_separator: str = " "  # between a passage's title and text
     backend: str = "auto"  # search backend: auto | faiss | torch (see retrieval/search.py)
-    representation: str = "dense"  # dense | splade (the model's SPLADE vectors, exact sparse search: retrieval/sparse.py)
+    representation: str = "dense"  # dense | splade (SPLADE vectors, exact sparse search: retrieval/sparse.py)
 
 
 def mine_negatives(model: str, data: str, output: str, split: str = "train", encode: EncodeConfig | None = None,

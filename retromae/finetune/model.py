@@ -41,10 +41,10 @@ class LossConfig:
     distill_temperature: float = 1.0  # kl: temperature of the teacher's score distribution
     distill_loss: str = "kl"  # kl (teacher || student over the query's group) | margin_mse (positive - each negative)
     contrastive_weight: float = 1.0  # weight of the InfoNCE loss (LexMAE stage 3: 0.2 beside KL weight 1)
-    representation: str = "dense"  # dense | dupmae: [W h ; top-k mu] with the joint score | splade (both load the MLM head)
-    flops_query_weight: float = 3e-4  # splade: lambda_q of the queries' FLOPS (SPLADE-max 3e-4; SPLADE++ 0.5 under MarginMSE)
+    representation: str = "dense"  # dense | dupmae: [W h ; top-k mu], joint score | splade (both read the MLM head)
+    flops_query_weight: float = 3e-4  # splade: lambda_q, queries' FLOPS (SPLADE-max 3e-4; SPLADE++ 0.5, MarginMSE)
     flops_doc_weight: float = 1e-4  # splade: lambda_d of the documents' FLOPS (SPLADE-max 1e-4; SPLADE++ 0.4)
-    flops_warmup_steps: int = 0  # splade: lambda_t = lambda (t / T)^2 until step T (SPLADE: 50k); 0: constant (LexMAE)
+    flops_warmup_steps: int = 0  # splade: lambda (t / T)^2 until step T (SPLADE: 50k); 0: constant (LexMAE)
     dupmae_dense_dim: int = 384  # dupmae: size of W h
     dupmae_topk: int = 384  # dupmae: vocabulary entries kept from mu
     starbucks_pairs: list[list[int]] = field(default_factory=list)  # Starbucks SRL: (layer, dim) pairs trained beside the full size

@@ -250,6 +250,8 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
             shutil.rmtree(work, ignore_errors=True)
     if not state.is_main_process:
         return None
+    if sparsity and "exact_run" in sparsity:  # Seismic's run, and the exact one on the same vectors beside it
+        sparsity["exact"] = score_run(_to_run(data, *sparsity.pop("exact_run")), data, search)[0]
     extra = {"sparsity": sparsity} if sparsity else {}
     if search.layers:
         extra["matryoshka"] = {f"{layer}x{dim}": score_run(_to_run(data, *grid[(layer, dim)]), data, search)[0]

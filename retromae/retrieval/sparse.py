@@ -200,6 +200,7 @@ class SparseSearchConfig:
     heap_factor: float = 0.8  # seismic: a block is skipped when its summary score < heap_factor x the k-th score
     threads: int = 0  # seismic: search threads (0: all cores)
     top_terms_queries: int = 3  # the evaluation report lists the top-weighted terms of this many queries
+    compare_exact: bool = True  # seismic: also search exactly (same vectors) and report Seismic's recall@10 against it
 
     def validate(self) -> None:
         if self.index not in ("exact", "seismic"):
@@ -367,6 +368,10 @@ def sparse_shard_results(encoder: SparseTextEncoder, doc_texts, query_texts: lis
     stats = {"doc_nonzeros": int(docs.getnnz()), "docs": int(docs.shape[0]),
              "query_nonzeros": int(own_queries.getnnz()), "queries": int(own_queries.shape[0]),
              "encode_seconds": encoded - started, "search_seconds": searched - encoded}
+    if cfg.index == "seismic" and cfg.compare_exact:  # the same vectors searched exactly, for Seismic's recall
+        exact_scores, exact_positions = ExactSparseIndex(docs).search(queries, depth)
+        stats["exact_search_seconds"] = time.perf_counter() - searched
+        stats["exact"] = (exact_scores, np.where(exact_positions >= 0, exact_positions + lo, -1))
     if rank == 0:
         stats["top_terms"] = [encoder.top_terms(queries[i]) for i in range(min(cfg.top_terms_queries,
                                                                                 queries.shape[0]))]
@@ -383,9 +388,15 @@ def sparse_run(encoder: SparseTextEncoder, data, search, work: Path, state, dept
     scores, positions, stats = sparse_shard_results(encoder, texts, [data.queries[q] for q in query_ids], depth,
                                                     search.sparse, work, state)
     found = _gather_results(query_ids, scores, positions, depth, work, state, "sparse")
+    exact = stats.pop("exact", None)
+    if exact is not None:
+        exact = _gather_results(query_ids, *exact, depth, work, state, "sparse-exact")
     report = _merge_stats(stats, work, state)
     if found is None:
         return None, None
+    if exact is not None:
+        report["seismic_recall@10_vs_exact"] = overlap_at(found[2], exact[2], 10)
+        report["exact_run"] = exact
     names = query_ids[: len(report.pop("top_terms", []))]
     report["top_terms"] = {q: t for q, t in zip(names, stats.get("top_terms", []))}
     return found, report
@@ -400,17 +411,35 @@ def _merge_stats(stats: dict, work: Path, state) -> dict:
         state.wait_for_everyone()
         parts = [json.loads((work / "sparse_stats" / f"{r}.json").read_text()) for r in range(state.num_processes)]
     total = {k: sum(p[k] for p in parts) for k in ("doc_nonzeros", "docs", "query_nonzeros", "queries")}
-    return {"mean_nonzeros_per_query": total["query_nonzeros"] / max(1, total["queries"]),
-            "mean_nonzeros_per_document": total["doc_nonzeros"] / max(1, total["docs"]),
-            "encode_seconds": max(p["encode_seconds"] for p in parts),
-            "search_seconds": max(p["search_seconds"] for p in parts),
-            "top_terms": stats.get("top_terms", [])}
+    merged = {"mean_nonzeros_per_query": total["query_nonzeros"] / max(1, total["queries"]),
+              "mean_nonzeros_per_document": total["doc_nonzeros"] / max(1, total["docs"]),
+              "encode_seconds": max(p["encode_seconds"] for p in parts),
+              "search_seconds": max(p["search_seconds"] for p in parts),
+              "top_terms": stats.get("top_terms", [])}
+    if "exact_search_seconds" in stats:
+        merged["exact_search_seconds"] = max(p["exact_search_seconds"] for p in parts)
+    return merged
+
+
+def overlap_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean over queries of |found top-k & true top-k| / |true top-k| (documents the query matches at all)."""
+    shares = []
+    for f, t in zip(found[:, :k], truth[:, :k]):
+        t = set(t[t >= 0].tolist())
+        if t:
+            shares.append(len(t & set(f[f >= 0].tolist())) / len(t))
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def format_sparsity(report: dict) -> str:
     """The evaluation report's sparse part: non-zeros and the top-weighted terms of a few queries."""
     lines = [f"mean non-zeros: {report['mean_nonzeros_per_query']:.1f} per query, "
              f"{report['mean_nonzeros_per_document']:.1f} per document"]
+    if "seismic_recall@10_vs_exact" in report:
+        exact = ", ".join(f"{k} {v:.4f}" for k, v in report.get("exact", {}).items())
+        lines.append(f"Seismic: recall@10 against exact search {report['seismic_recall@10_vs_exact']:.4f}; index "
+                     f"build + search {report['search_seconds']:.2f} s, exact {report['exact_search_seconds']:.2f} s; "
+                     f"exact search's metrics: {exact}")
     for qid, terms in report.get("top_terms", {}).items():
         lines.append(f"query {qid}: " + ", ".join(f"{t} {w:.2f}" for t, w in terms))
     return "\n".join(lines)
@@ -496,6 +525,8 @@ def evaluate_fused(models: list[tuple[str, str]], dataset: str, split: str | Non
             part = evaluate_model(model, data, split, encode_cfg, replace(search, representation=representation),
                                   run_file=str(path))
         if part is not None:
+            if model == "bm25":
+                representation = "lexical"
             parts.append({"model": model, "representation": representation,
                           **{m: part[m] for m in search.metrics}})
             runs.append(read_trec_run(path))
