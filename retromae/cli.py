@@ -183,6 +183,7 @@ def _evaluate(args) -> None:
     if args.suite:
         suite = load_suite(args.suite)
         suite.search = replace(suite.search, **search_overrides)
+        _sparse_options(args, suite.search)
         suite.encode = _encode_config(args, suite.encode)
         if args.data_root:
             suite.data_root = args.data_root
