@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-top", type=int, default=0, help="ranks skipped after removing positives")
     m.add_argument("--index", default="Flat", help="faiss factory string")
     m.add_argument("--title-separator", default=" ")
+    m.add_argument("--representation", choices=["dense", "splade"], default="dense",
+                   help="splade: retrieve with the model's SPLADE vectors (exact sparse search)")
     _add_encode_arguments(m)
     d = sub.add_parser("demo", help="pretrain all-MiniLM-L6-v2 with RetroMAE on standard-library docstrings")
     d.add_argument("--output-dir", default="runs/demo", help="where the corpus, logs and model go")
@@ -101,8 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--keep-identical-ids", action="store_const", const=True,
                    help="do not drop documents whose id is the query id (BEIR's rule; off by default for MS MARCO)")
     e.add_argument("--title-separator", help='between title and text (default " ")')
-    e.add_argument("--representation", choices=["dense", "dupmae"],
-                   help="dupmae: [W h ; top-k mu] scored as dense dot + sparse dot (default: dense)")
+    e.add_argument("--representation", choices=["dense", "dupmae", "splade"],
+                   help="dupmae: [W h ; top-k mu] scored as dense dot + sparse dot; splade: the MLM head's max-pooled "
+                   "log(1 + ReLU) vocabulary vector, sparse search (default: dense)")
+    e.add_argument("--sparse-index", choices=["exact", "seismic"],
+                   help="splade: exact sparse products over an inverted index, or Seismic (default: exact)")
+    e.add_argument("--seismic-query-cut", type=int, help="seismic: query terms visited (default: 10)")
+    e.add_argument("--seismic-heap-factor", type=float, help="seismic: block pruning factor (default: 0.8)")
+    e.add_argument("--seismic-postings", type=int, help="seismic: postings kept per term (default: 3500)")
+    e.add_argument("--fuse", nargs="+", metavar="MODEL[:REPRESENTATION]",
+                   help="fuse this model's run with these (e.g. runs/dense/model bm25): hybrid dense + sparse + BM25")
+    e.add_argument("--fusion", choices=["rrf", "linear"], default="rrf",
+                   help="with --fuse: reciprocal rank fusion, or a weighted sum of min-max normalised scores")
+    e.add_argument("--fusion-weights", type=float, nargs="+", help="with --fuse: one weight per run, this model first")
     e.add_argument("--hybrid-search", choices=["exact", "pooled"],
                    help="dupmae: exact sparse product, or a FAISS pool re-scored (large corpora; default: exact)")
     e.add_argument("--candidate-pool", type=int, help="dupmae pooled search: candidates per query (default: 1000)")
@@ -170,6 +183,7 @@ def _evaluate(args) -> None:
     if args.suite:
         suite = load_suite(args.suite)
         suite.search = replace(suite.search, **search_overrides)
+        _sparse_options(args, suite.search)
         suite.encode = _encode_config(args, suite.encode)
         if args.data_root:
             suite.data_root = args.data_root
@@ -182,15 +196,50 @@ def _evaluate(args) -> None:
             print("\n" + table)
         return
     search = SearchConfig(**search_overrides)
+    _sparse_options(args, search)
+    if args.fuse:
+        return _evaluate_fused(args, search)
     result = evaluate_model(args.model, args.dataset, args.split, _encode_config(args), search, args.run, args.output)
     if result is not None and search.layers:
         from retromae.retrieval.evaluate import matryoshka_table
 
         print(matryoshka_table(result, search))
+    if result is not None and result.get("sparsity"):
+        from retromae.retrieval.sparse import format_sparsity
+
+        print(format_sparsity(result["sparsity"]))
     if result is not None:
         print(format_table([result], search.metrics))
         print(f"{result['num_queries']} queries, {result['num_documents']} documents, {result['seconds']} s; "
               f"settings: {result['settings']}")
+
+
+def _sparse_options(args, search) -> None:
+    """--sparse-index and the Seismic settings into the search's sparse section."""
+    for option, key in (("sparse_index", "index"), ("seismic_query_cut", "query_cut"),
+                        ("seismic_heap_factor", "heap_factor"), ("seismic_postings", "n_postings")):
+        if getattr(args, option, None) is not None:
+            setattr(search.sparse, key, getattr(args, option))
+
+
+def _evaluate_fused(args, search) -> None:
+    """--fuse: each model's run, then their fusion (retromae.retrieval.sparse.evaluate_fused)."""
+    from retromae.retrieval.evaluate import format_table
+    from retromae.retrieval.sparse import FusionConfig, evaluate_fused
+
+    def parse(item: str) -> tuple[str, str]:
+        model, _, representation = item.rpartition(":") if item.endswith((":dense", ":splade", ":dupmae")) else \
+            (item, "", "")
+        return model, representation or ("dense" if model != "bm25" else "dense")
+
+    models = [(args.model, search.representation)] + [parse(item) for item in args.fuse]
+    fusion = FusionConfig(method=args.fusion, weights=args.fusion_weights or [])
+    result = evaluate_fused(models, args.dataset, args.split, _encode_config(args), search, fusion, args.output,
+                            args.run)
+    if result is not None:
+        rows = [{"dataset": f"{p['model']} ({p['representation']})", **p} for p in result["parts"]]
+        rows.append({**result, "dataset": f"fused ({args.fusion})"})
+        print(format_table(rows, search.metrics))
 
 
 def _matryoshka_grid(args) -> tuple[list[int], list[int]]:
@@ -267,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.finetune.mine import MineConfig, mine_negatives
 
             summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
-                                     MineConfig(args.depth, args.skip_top, args.index, args.title_separator))
+                                     MineConfig(args.depth, args.skip_top, args.index, args.title_separator,
+                                                representation=args.representation))
             if summary:
                 print(f"mined {summary['negatives_per_query']:.1f} negatives for each of {summary['queries']} "
                       f"queries into {summary['output']}")

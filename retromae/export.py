@@ -36,6 +36,43 @@ def write_encoder(body, tokenizer, folder: Path, max_seq_length: int, pooling: s
         model.save(str(folder))
 
 
+def write_sparse_encoder(mlm, tokenizer, folder: Path, max_seq_length: int, query_prefix: str = "",
+                         passage_prefix: str = "") -> None:
+    """A SPLADE model in `folder`, loadable by `SparseEncoder(folder)` of sentence-transformers (methods.md §4): the
+    masked-LM model with its head (config.json, model.safetensors), the tokenizer (model_max_length = the token
+    limit), modules.json naming MLMTransformer + SpladePooling (max pooling of log(1 + ReLU) over attended positions,
+    [CLS] / [SEP] included, as our SPLADE), its sentence_bert_config.json, and config_sentence_transformers.json with
+    the query / document prompts and dot similarity.
+
+    Written as JSON by hand in the v5 layout (sentence_transformers.sparse_encoder.models.*), which 5.x and 6.2 both
+    load, where SparseEncoder.save would write 6.2's module paths only."""
+    import json
+
+    import sentence_transformers
+
+    def write(path: Path, data) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    with quiet_loading():
+        mlm.save_pretrained(folder, safe_serialization=True)
+        tokenizer.model_max_length = max_seq_length
+        tokenizer.save_pretrained(folder)
+    vocabulary = mlm.get_output_embeddings().out_features if mlm.get_output_embeddings() is not None else \
+        mlm.config.vocab_size
+    write(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
+        {"idx": 1, "name": "1", "path": "1_SpladePooling",
+         "type": "sentence_transformers.sparse_encoder.models.SpladePooling"}])
+    write(folder / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    write(folder / "1_SpladePooling" / "config.json", {"pooling_strategy": "max", "activation_function": "relu",
+                                                       "word_embedding_dimension": vocabulary})
+    write(folder / "config_sentence_transformers.json", {
+        "model_type": "SparseEncoder", "__version__": {"sentence_transformers": sentence_transformers.__version__},
+        "prompts": {"query": query_prefix, "document": passage_prefix}, "default_prompt_name": None,
+        "similarity_fn_name": "dot"})
+
+
 def export_model(objective, tokenizer, out_dir: str | Path, run_config=None, max_seq_length: int = 512,
                  pooling: str = "cls") -> Path:
     """Write a pretrained encoder to `out_dir` atomically:
@@ -67,6 +104,11 @@ def export_bi_encoder(bi_encoder, tokenizer, out_dir: str | Path, run_config=Non
     normalize = cfg.similarity == "cosine"
     prompts = {"query_prefix": query_prefix, "passage_prefix": passage_prefix}
     with atomic_directory(out_dir) as tmp:
+        if cfg.representation == "splade":  # the masked-LM model as a sentence-transformers SparseEncoder
+            write_sparse_encoder(bi_encoder.encoder.mlm, tokenizer, tmp, max_seq_length, **prompts)
+            if run_config is not None:
+                dump_yaml(run_config, tmp / "finetune_config.yaml")
+            return out_dir
         if cfg.representation == "dupmae":  # the body, plus dupmae/ (MLM head, W) for `--representation dupmae`
             write_encoder(bi_encoder.encoder.arch.body, tokenizer, tmp, max_seq_length, "cls", False, **prompts)
             bi_encoder.encoder.save(tmp / "dupmae")

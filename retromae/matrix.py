@@ -18,7 +18,7 @@ from pathlib import Path
 
 from retromae.tiny import FAMILIES
 
-# The 14 objectives (RetroMAE's PMI decoder and MAE-LM encoder side count as their own), with the settings that fit
+# The 15 objectives (RetroMAE's PMI decoder and MAE-LM encoder side count as their own), with the settings that fit
 # a tiny model (2 layers of 32) and short texts.
 OBJECTIVES: dict[str, dict] = {
     "mlm": {"name": "mlm"},
@@ -35,6 +35,7 @@ OBJECTIVES: dict[str, dict] = {
     "condenser": {"name": "condenser", "skip_from": 1, "head_layers": 1},
     "cocondenser": {"name": "cocondenser", "skip_from": 1, "head_layers": 1, "span_tokens": 12},
     "starbucks": {"name": "starbucks", "pairs": [[1, 16], [2, 32]]},
+    "lexmae": {"name": "lexmae"},
 }
 ARCHITECTURES = FAMILIES  # bert, electra, gte, nomic_bert, distilbert, mpnet, roberta, xlm-roberta, deberta ...
 

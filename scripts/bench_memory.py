@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT = ["mlm", "retromae", "dupmae", "costa", "bow", "bow-prediction"]
+DEFAULT = ["mlm", "retromae", "dupmae", "costa", "bow", "bow-prediction", "lexmae"]
 VARIANTS = {"bow-prediction": {"name": "bow", "views": 1, "decoder": "mlm_head", "contrast_weight": 0.0}}
 
 

@@ -24,7 +24,7 @@ masks are built from counter-based hashes on the device; the reference collator'
 
 With --objectives all, every objective of the toolkit runs beside them (DupMAE, COSTA, the bag-of-words decoders,
 SEED-Encoder, CoT-MAE, RetroMAE with the PMI decoder or MAE-LM's encoder side, TSDAE, MAE-LM, Condenser,
-coCondenser, Starbucks SMAE). CoT-MAE reads each block as a document (its ordinary tokens, sentences ending at '.');
+coCondenser, Starbucks SMAE, LexMAE). CoT-MAE reads each block as a document (its ordinary tokens, sentences ending at '.');
 the PMI decoder gets token counts of the benchmark's own texts as its corpus statistics.
 
 With --arch FAMILY (modernbert, deberta-v3, eurobert, gte ...; any of retromae.tiny.FAMILIES), the model is a random
@@ -94,6 +94,7 @@ OBJECTIVES = {
     "condenser": {"name": "condenser", "skip_from": 3},
     "cocondenser": {"name": "cocondenser", "skip_from": 3},
     "starbucks": {"name": "starbucks", "pairs": [[1, 32], [2, 64], [3, 128], [4, 192], [5, 256], [6, 384]]},
+    "lexmae": {"name": "lexmae"},
 }
 
 

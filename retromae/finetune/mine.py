@@ -34,6 +34,7 @@ class MineConfig:
     index: str = "Flat"  # faiss factory string
     title_separator: str = " "  # between a passage's title and text
     backend: str = "auto"  # search backend: auto | faiss | torch (see retrieval/search.py)
+    representation: str = "dense"  # dense | splade (SPLADE vectors, exact sparse search: retrieval/sparse.py)
 
 
 def mine_negatives(model: str, data: str, output: str, split: str = "train", encode: EncodeConfig | None = None,
@@ -42,7 +43,7 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
     qrels split, or an MS MARCO folder with queries.train.tsv / qrels.train.tsv) and write the mined file."""
     from retromae.distributed import process_state
     from retromae.finetune.data import load_training_data
-    from retromae.retrieval.evaluate import SearchConfig, _shared_work_dir, shard_search
+    from retromae.retrieval.evaluate import _shared_work_dir
 
     cfg = cfg or MineConfig()
     state = process_state()
@@ -51,20 +52,19 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
     corpus = training.passages
     if "corpus" not in corpus.sources:
         raise CorpusError(f"{data}: mining needs a corpus of passages with ids (a BEIR or MS MARCO folder)")
-    encoder = TextEncoder(model, encode or EncodeConfig(), device=state.device)
+    widest = int(np.diff(training.positives.offsets).max())
+    depth = cfg.depth + cfg.skip_top + widest + 1  # + 1: the query's own passage, where there is one
     work = Path(tempfile.mkdtemp(prefix="retromae-mine-")) if world == 1 else _shared_work_dir(state)
     try:
         ids, texts = corpus.passages(cfg.title_separator)
-        shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
-        encode_shard(encoder, training.query_ids, training.queries, work / "queries", rank, world, kind="query",
-                     show_progress=False)
-        state.wait_for_everyone()
-        queries = np.concatenate([v for _, v in read_shards(work / "queries")])
-        widest = int(np.diff(training.positives.offsets).max())
-        depth = cfg.depth + cfg.skip_top + widest + 1  # + 1: the query's own passage, where there is one
-        lo, _ = shard_range(len(corpus), rank, world)
-        search = SearchConfig(index=cfg.index, backend=cfg.backend)
-        scores, positions = shard_search(queries, shard, lo, depth, search, encoder.device)
+        if cfg.representation == "splade":  # sparse retrieval: retrieval/sparse.py
+            from retromae.retrieval.sparse import SparseSearchConfig, SparseTextEncoder, sparse_shard_results
+
+            encoder = SparseTextEncoder(model, encode or EncodeConfig(), device=state.device)
+            scores, positions, _ = sparse_shard_results(encoder, texts, training.queries, depth,
+                                                        SparseSearchConfig(), work, state)
+        else:
+            scores, positions = _dense_shard_results(model, encode, training, ids, texts, depth, cfg, work, state)
         np.save(work / f".scores-{rank}.npy", scores)
         np.save(work / f".positions-{rank}.npy", positions)
         state.wait_for_everyone()
@@ -81,6 +81,22 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
     finally:
         if state.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _dense_shard_results(model, encode, training, ids, texts, depth: int, cfg: MineConfig, work: Path, state):
+    """This process's corpus shard encoded and searched for every training query: (scores, global positions)."""
+    from retromae.retrieval.evaluate import SearchConfig, shard_search
+
+    rank, world = state.process_index, state.num_processes
+    encoder = TextEncoder(model, encode or EncodeConfig(), device=state.device)
+    shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
+    encode_shard(encoder, training.query_ids, training.queries, work / "queries", rank, world, kind="query",
+                 show_progress=False)
+    state.wait_for_everyone()
+    queries = np.concatenate([v for _, v in read_shards(work / "queries")])
+    lo, _ = shard_range(len(texts), rank, world)
+    search = SearchConfig(index=cfg.index, backend=cfg.backend)
+    return shard_search(queries, shard, lo, depth, search, encoder.device)
 
 
 def _write_share(training, work: Path, rank: int, world: int, depth: int, cfg: MineConfig) -> list[int]:

@@ -88,6 +88,13 @@ def load_encoder(cfg: ModelConfig):
 
 
 def build_bi_encoder(cfg: FinetuneConfig):
+    if cfg.loss.representation == "splade":  # the whole masked-LM model: SPLADE reads its head's logits
+        from retromae.modeling import load_masked_lm, load_tokenizer
+        from retromae.retrieval.sparse import SpladeRepresentation
+
+        rep = SpladeRepresentation(load_masked_lm(cfg.model))
+        _load_pretraining_head(rep, cfg.model)
+        return BiEncoder(rep, cfg.loss), load_tokenizer(cfg.model)
     if cfg.loss.representation == "dupmae":
         from retromae.modeling import load_masked_lm, load_tokenizer
         from retromae.objectives.dupmae import DupMAERepresentation, DupMAERepresentationConfig
@@ -103,7 +110,8 @@ def build_bi_encoder(cfg: FinetuneConfig):
 
 
 def _load_pretraining_head(rep, cfg: ModelConfig) -> None:
-    """Start DupMAE fine-tuning from the MLM head that pretraining saved beside the export, when there is one."""
+    """Start DupMAE or SPLADE fine-tuning from the MLM head that pretraining saved beside the export, when there is
+    one."""
     import safetensors.torch
 
     from retromae.modeling import heads_path
@@ -174,6 +182,13 @@ class DevSelector:
             search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator)
             if loss.representation == "dupmae":
                 result = self._score_dupmae(bi_encoder, device, search)
+            elif loss.representation == "splade":
+                from retromae.retrieval.sparse import SparseTextEncoder
+
+                search.representation = "splade"
+                encoder = SparseTextEncoder(bi_encoder.encoder, self.encode, device, tokenizer=self.tokenizer)
+                result = evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search,
+                                        encoder=encoder)
             else:
                 encoder = TextEncoder(bi_encoder.encoder, self.encode, device=device, tokenizer=self.tokenizer,
                                       pooling=loss.pooling, normalize=loss.similarity == "cosine",
@@ -196,6 +211,11 @@ class DevSelector:
         encoder = HybridEncoder(None, self.encode, device, representation=bi_encoder.encoder, tokenizer=self.tokenizer)
         search.representation = "dupmae"
         return evaluate_model("(training)", self.data, self.cfg.dev.split, self.encode, search, encoder=encoder)
+
+
+def count_steps(trainer) -> None:
+    """The bi-encoder's record of optimizer steps done (the FLOPS warm-up reads it; saved with checkpoints)."""
+    trainer.objective.steps_done.fill_(trainer.step)
 
 
 def export_settings(cfg: FinetuneConfig) -> dict:
@@ -242,8 +262,9 @@ def run(cfg: FinetuneConfig) -> dict:
         bi_encoder, tokenizer = build_bi_encoder(cfg)
         batches = build_batches(cfg, tokenizer, accelerator)
         selector = DevSelector(cfg, tokenizer) if cfg.dev.dataset else None
+        callbacks = [count_steps] + ([selector] if selector else [])
         trainer = Trainer(bi_encoder, batches, cfg.train, accelerator, run_config=to_dict(cfg),
-                          callbacks=[selector] if selector else [], log_name="finetune")
+                          callbacks=callbacks, log_name="finetune")
         history = trainer.train()
         out = Path(cfg.train.output_dir) / "model"
         exported = cfg.export and trainer.finished

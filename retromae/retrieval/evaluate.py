@@ -27,6 +27,7 @@ from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, 
 from retromae.retrieval.bm25 import is_bm25
 from retromae.retrieval.metrics import DEFAULT_METRICS, evaluate, parse_metric
 from retromae.retrieval.search import merge_top_k, search_shard
+from retromae.retrieval.sparse import SparseSearchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,18 @@ class SearchConfig:
     nprobe: int = 32  # IVF indexes: inverted lists searched per query
     ignore_identical_ids: bool | None = None  # drop documents whose id equals the query id; null: BEIR yes, MS MARCO no
     title_separator: str = " "  # between a document's title and text (" [SEP] " for MS MARCO recipes)
-    representation: str = "dense"  # dense | dupmae ([W h ; top-k mu], dense dot + sparse dot)
+    representation: str = "dense"  # dense | dupmae ([W h ; top-k mu], dense dot + sparse dot) | splade (sparse.py)
     hybrid_search: str = "exact"  # dupmae only: exact (sparse matrix product) | pooled (FAISS pool, re-scored)
     candidate_pool: int = 1000  # dupmae pooled search: dense candidates re-scored per query
     layers: list[int] = field(default_factory=list)  # (layer, dim) evaluation (Starbucks): the layers scored ([]: off)
     dims: list[int] = field(default_factory=list)  # ... and the prefix sizes: every layer x dim pair is scored
+    sparse: SparseSearchConfig = field(default_factory=SparseSearchConfig)  # splade: exact or Seismic search
 
     def validate(self) -> None:
+        if self.representation not in ("dense", "dupmae", "splade"):
+            raise ConfigError(f"representation={self.representation!r} must be dense, dupmae or splade",
+                              key="representation")
+        self.sparse.validate()
         if bool(self.layers) != bool(self.dims):
             raise ConfigError("layers and dims go together: the (layer, dim) grid needs both", key="layers")
         if self.layers and self.representation != "dense":
@@ -222,7 +228,13 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     work = Path(tempfile.mkdtemp(prefix="retromae-eval-")) if state.num_processes == 1 else _shared_work_dir(state)
     try:
         encoder = encoder or make_encoder(model, encode_cfg, search, state.device)
-        if search.representation == "dupmae":
+        sparsity = None
+        if search.representation == "splade":  # learned sparse retrieval: retrieval/sparse.py
+            from retromae.retrieval.sparse import sparse_run
+
+            found, sparsity = sparse_run(encoder, data, search, work, state, depth)
+            settings.update(encoder.settings())
+        elif search.representation == "dupmae":
             found = hybrid_run(encoder, data, search, work, state, depth)
             settings.update(asdict(encoder.cfg))
         elif search.layers:
@@ -238,7 +250,9 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
             shutil.rmtree(work, ignore_errors=True)
     if not state.is_main_process:
         return None
-    extra = {}
+    if sparsity and "exact_run" in sparsity:  # Seismic's run, and the exact one on the same vectors beside it
+        sparsity["exact"] = score_run(_to_run(data, *sparsity.pop("exact_run")), data, search)[0]
+    extra = {"sparsity": sparsity} if sparsity else {}
     if search.layers:
         extra["matryoshka"] = {f"{layer}x{dim}": score_run(_to_run(data, *grid[(layer, dim)]), data, search)[0]
                                for layer, dim in grid}
@@ -345,6 +359,10 @@ def load_suite(path: str, overrides: dict | None = None) -> SuiteConfig:
 
 
 def make_encoder(model: str, encode: EncodeConfig, search: SearchConfig, device):
+    if search.representation == "splade":
+        from retromae.retrieval.sparse import SparseTextEncoder
+
+        return SparseTextEncoder(model, encode, device=device)
     if search.representation == "dupmae":
         from retromae.retrieval.hybrid import HybridEncoder
 
