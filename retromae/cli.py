@@ -134,6 +134,8 @@ def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], help="default: auto (bf16 where the "
                    "hardware has it)")
+    p.add_argument("--timeout-minutes", type=float, help="under accelerate launch: how long a process waits for the "
+                   "others (default 30)")
 
 
 _ENCODE_FIELDS = ("pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix",
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     # saved once: expected here, and they are tied again on load
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
     try:
+        from retromae.distributed import configure_timeout
+
+        configure_timeout(getattr(args, "timeout_minutes", None))  # evaluate, mine, encode: before the process group
         if args.command == "pretrain":
             from retromae.pretrain import load_config, run
 
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.study import load_study, run_study
 
             report = run_study(load_study(args.config, args.overrides))
-            print("\n" + report["table"])
+            if report is not None:  # the main process's (the others have none)
+                print("\n" + report["table"])
         elif args.command == "prepare":
             from retromae.pretrain import load_config, prepare
 
