@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--skip-top", type=int, default=0, help="ranks skipped after removing positives")
     m.add_argument("--index", default="Flat", help="faiss factory string")
     m.add_argument("--title-separator", default=" ")
+    _add_scratch_arguments(m)
     _add_encode_arguments(m)
     d = sub.add_parser("demo", help="pretrain all-MiniLM-L6-v2 with RetroMAE on standard-library docstrings")
     d.add_argument("--output-dir", default="runs/demo", help="where the corpus, logs and model go")
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="JSON of the results (a Markdown table with --suite)")
     e.add_argument("--run", default=None, help="write the run in TREC format here")
     e.add_argument("--data-root", default=None, help="with --suite: folder holding the datasets")
+    _add_scratch_arguments(e)
     _add_encode_arguments(e)
     # Search options default to None: left out, they keep the suite's (or SearchConfig's) values.
     e.add_argument("--metrics", nargs="+", help="e.g. ndcg@10 recall@100 mrr@10 map (default: " +
@@ -119,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--title-separator", default=" ")
     _add_encode_arguments(c)
     return parser
+
+
+def _add_scratch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work-dir", help="scratch folder for the vector shards (default: $RETROMAE_WORK, else beside "
+                   "--output; several machines need one they all see)")
+    p.add_argument("--shard-dtype", choices=["float32", "float16"], help="vectors in the scratch shards (default "
+                   "float32; float16 takes half the disk)")
 
 
 def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,7 +162,7 @@ def _encode_config(args, base=None):
 
 _SEARCH_OPTIONS = {"depth": "depth", "index": "index", "gpu_index": "use_gpu", "representation": "representation",
                    "hybrid_search": "hybrid_search", "candidate_pool": "candidate_pool", "metrics": "metrics",
-                   "title_separator": "title_separator"}
+                   "title_separator": "title_separator", "work_dir": "work_dir", "shard_dtype": "shard_dtype"}
 
 
 def _evaluate(args) -> None:
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.finetune.mine import MineConfig, mine_negatives
 
             summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
-                                     MineConfig(args.depth, args.skip_top, args.index, args.title_separator))
+                                     MineConfig(args.depth, args.skip_top, args.index, args.title_separator,
+                                                work_dir=args.work_dir, shard_dtype=args.shard_dtype or "float32"))
             if summary:
                 print(f"mined {summary['negatives_per_query']:.1f} negatives for each of {summary['queries']} "
                       f"queries into {summary['output']}")

@@ -325,6 +325,42 @@ def test_qidpidtriples_are_sampled_per_query_in_a_stream(tmp_path, monkeypatch):
     assert lists.negatives.row(0).tolist() == [5, 6] and lists.negatives.row(1).tolist() == [2]
 
 
+SAMPLE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from retromae.finetune.data import load_training_data
+data = load_training_data(sys.argv[1], "msmarco", negatives=sys.argv[2], negatives_per_query=10)
+print("ROWS", [data.negatives.row(q).tolist() for q in range(len(data))])
+print("MAPPED", type(data.passages.index.sorted).__name__, type(data.passages.index.order).__name__)
+"""
+
+
+def test_triples_are_sampled_once_for_all_processes_and_the_id_index_is_memory_mapped(tmp_path):
+    """Two processes load the same MS MARCO training data at once: the qidpidtriples file (397M lines, ~40 minutes at
+    MS MARCO's size) is sampled by one of them while the other waits on a lock, and both read the same memory-mapped
+    result; the collection's id index is read from the collection cache, memory-mapped, not rebuilt per process."""
+    import os
+    import subprocess
+    import sys
+
+    root = msmarco_folder(tmp_path / "msmarco", passages=3000, queries=300)
+    rng = np.random.default_rng(0)
+    lines = [f"{100 + q}\t{q}\t{n}\n" for q in range(300) for n in rng.integers(0, 3000, 200)]
+    (root / "triples.tsv").write_text("".join(lines))
+    env = {**os.environ, "RETROMAE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = [subprocess.Popen([sys.executable, "-c", SAMPLE, str(root), str(root / "triples.tsv")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    assert sum(err.count("sampling 10 negatives per query") for _, err in outputs) == 1, "sampled once"
+    rows = [next(line for line in out.splitlines() if line.startswith("ROWS")) for out, _ in outputs]
+    assert rows[0] == rows[1] and "[]" not in rows[0]
+    assert all("MAPPED memmap memmap" in out for out, _ in outputs)
+    cached = sorted(p.name for p in (tmp_path / "cache" / "triples").iterdir() if not p.name.startswith("."))
+    assert len(cached) == 2 and all(name.endswith(".npy") for name in cached)
+    assert isinstance(np.load(tmp_path / "cache" / "triples" / cached[0], mmap_mode="r"), np.memmap)
+
+
 def test_mined_negatives_are_filtered_against_positives(beir_task, tmp_path):
     from retromae.finetune.data import load_training_data
 

@@ -9,14 +9,14 @@ corpus at training time.
 Spread over the processes of a launch as evaluation is (`retromae.retrieval.evaluate`): each process encodes its
 share of the corpus and of the queries, searches every query against its corpus shard, then merges the shards'
 results for its share of the queries and writes those lines; the main process joins the parts in order. No
-process waits while another searches 500k queries alone.
+process waits while another searches 500k queries alone. The query shards are searched one after the other, never
+concatenated, and the vector shards go to a scratch folder beside the output (`retromae.retrieval.scratch`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,8 @@ class MineConfig:
     index: str = "Flat"  # faiss factory string
     title_separator: str = " "  # between a passage's title and text
     backend: str = "auto"  # search backend: auto | faiss | torch (see retrieval/search.py)
+    work_dir: str | None = None  # scratch folder for the vector shards (null: $RETROMAE_WORK, else beside the output)
+    shard_dtype: str = "float32"  # vectors in the scratch shards: float32 | float16 (half the disk, rounded vectors)
 
 
 def mine_negatives(model: str, data: str, output: str, split: str = "train", encode: EncodeConfig | None = None,
@@ -42,7 +44,8 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
     qrels split, or an MS MARCO folder with queries.train.tsv / qrels.train.tsv) and write the mined file."""
     from retromae.distributed import process_state
     from retromae.finetune.data import load_training_data
-    from retromae.retrieval.evaluate import SearchConfig, _shared_work_dir, shard_search
+    from retromae.retrieval.evaluate import SearchConfig, _shared_work_dir, check_space_everywhere, shard_search
+    from retromae.retrieval.scratch import make_scratch, scratch_root, shard_dtype
 
     cfg = cfg or MineConfig()
     state = process_state()
@@ -52,16 +55,21 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
     if "corpus" not in corpus.sources:
         raise CorpusError(f"{data}: mining needs a corpus of passages with ids (a BEIR or MS MARCO folder)")
     encoder = TextEncoder(model, encode or EncodeConfig(), device=state.device)
-    work = Path(tempfile.mkdtemp(prefix="retromae-mine-")) if world == 1 else _shared_work_dir(state)
+    dtype = shard_dtype(cfg.shard_dtype)
+    root = scratch_root(cfg.work_dir, output)
+    work = make_scratch(root, "retromae-mine-") if world == 1 else _shared_work_dir(state, root)
     try:
-        ids, texts = corpus.passages(cfg.title_separator)
-        shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process)
-        encode_shard(encoder, training.query_ids, training.queries, work / "queries", rank, world, kind="query",
-                     show_progress=False)
-        state.wait_for_everyone()
-        queries = np.concatenate([v for _, v in read_shards(work / "queries")])
         widest = int(np.diff(training.positives.offsets).max())
         depth = cfg.depth + cfg.skip_top + widest + 1  # + 1: the query's own passage, where there is one
+        ids, texts = corpus.passages(cfg.title_separator)
+        vectors = (len(ids) + len(training)) * encoder.dimension * np.dtype(dtype).itemsize
+        check_space_everywhere(work, vectors + 2 * world * len(training) * depth * 12, "mining")
+        shard = encode_shard(encoder, ids, texts, work / "corpus", rank, world, show_progress=state.is_main_process,
+                             dtype=dtype)
+        encode_shard(encoder, training.query_ids, training.queries, work / "queries", rank, world, kind="query",
+                     show_progress=False, dtype=dtype)
+        state.wait_for_everyone()
+        queries = [v for _, v in read_shards(work / "queries")]  # searched in turn, never concatenated
         lo, _ = shard_range(len(corpus), rank, world)
         search = SearchConfig(index=cfg.index, backend=cfg.backend)
         scores, positions = shard_search(queries, shard, lo, depth, search, encoder.device)
