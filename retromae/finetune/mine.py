@@ -24,7 +24,6 @@ import numpy as np
 
 from retromae.data.corpus import CorpusError
 from retromae.retrieval.encoder import EncodeConfig, TextEncoder, encode_shard, read_shards, shard_range
-from retromae.retrieval.search import merge_top_k
 
 
 @dataclass
@@ -91,28 +90,36 @@ def mine_negatives(model: str, data: str, output: str, split: str = "train", enc
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_share(training, work: Path, rank: int, world: int, depth: int, cfg: MineConfig) -> list[int]:
-    """Merge the shards' results for this process's share of the queries and write its lines."""
+def _write_share(training, work: Path, rank: int, world: int, depth: int, cfg: MineConfig,
+                 block: int = 4096) -> list[int]:
+    """Merge the shards' results for this process's share of the queries and write its lines, a block of queries
+    at a time (the share's merged results and lines are never all in memory)."""
+    from retromae.retrieval.evaluate import merge_in_blocks
+
     qlo, qhi = shard_range(len(training), rank, world)
-    parts = [(np.load(work / f".scores-{r}.npy", mmap_mode="r")[qlo:qhi],
-              np.load(work / f".positions-{r}.npy", mmap_mode="r")[qlo:qhi]) for r in range(world)]
-    _, positions = merge_top_k([s for s, _ in parts], [p for _, p in parts], depth)
+    parts = [(np.load(work / f".scores-{r}.npy", mmap_mode="r"), np.load(work / f".positions-{r}.npy", mmap_mode="r"))
+             for r in range(world)]
     corpus = training.passages
-    own = corpus.positions(training.query_ids[qlo:qhi])  # a passage whose id is the query's is no negative
-    lines, kept, chosen_rows = [], [], []
-    for row, q in zip(positions, range(qlo, qhi)):
-        positives = training.positives.row(q)
-        drop = np.isin(row, positives) | (row == own[q - qlo]) | (row < 0)
-        chosen_rows.append(row[~drop][cfg.skip_top : cfg.skip_top + cfg.depth])
-    flat = np.concatenate(chosen_rows) if chosen_rows else np.zeros(0, np.int64)
-    names = iter(corpus.ids_at(flat))
-    for q, chosen in zip(range(qlo, qhi), chosen_rows):
-        negatives = [next(names) for _ in chosen]
-        kept.append(len(negatives))
-        lines.append(json.dumps({"query_id": training.query_ids[q], "query": training.queries[q],
-                                 "positive_ids": corpus.ids_at(training.positives.row(q)),
-                                 "negative_ids": negatives}) + "\n")
-    (work / f".mined-{rank}.jsonl").write_text("".join(lines), encoding="utf-8")
+    kept = []
+    with open(work / f".mined-{rank}.jsonl", "w", encoding="utf-8") as sink:
+        for start in range(qlo, qhi, block):
+            stop = min(qhi, start + block)
+            _, positions = merge_in_blocks(parts, depth, start, stop)
+            own = corpus.positions(training.query_ids[start:stop])  # a passage whose id is the query's is no negative
+            chosen_rows = []
+            for row, q in zip(positions, range(start, stop)):
+                drop = np.isin(row, training.positives.row(q)) | (row == own[q - start]) | (row < 0)
+                chosen_rows.append(row[~drop][cfg.skip_top : cfg.skip_top + cfg.depth])
+            flat = np.concatenate(chosen_rows) if chosen_rows else np.zeros(0, np.int64)
+            names = iter(corpus.ids_at(flat))
+            lines = []
+            for q, chosen in zip(range(start, stop), chosen_rows):
+                negatives = [next(names) for _ in chosen]
+                kept.append(len(negatives))
+                lines.append(json.dumps({"query_id": training.query_ids[q], "query": training.queries[q],
+                                         "positive_ids": corpus.ids_at(training.positives.row(q)),
+                                         "negative_ids": negatives}) + "\n")
+            sink.write("".join(lines))
     (work / f".kept-{rank}.txt").write_text(" ".join(map(str, kept)))
     return kept
 

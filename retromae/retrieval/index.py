@@ -122,9 +122,11 @@ class DenseIndex:
         self.index = index
 
     def _fill(self, index):
+        from retromae.retrieval.search import read_rows
+
         for vectors in self.pending:
             for start in range(0, len(vectors), 262144):
-                index.add(np.ascontiguousarray(vectors[start : start + 262144], dtype=np.float32))
+                index.add(read_rows(vectors, start, start + 262144))
         return index
 
     def _own_gpu_flat(self):

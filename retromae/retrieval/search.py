@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import mmap
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -48,12 +49,25 @@ def merge_top_k(scores: list[np.ndarray], positions: list[np.ndarray], k: int) -
     return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_positions, order, 1)
 
 
+def read_rows(vectors: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """vectors[lo:hi] as a contiguous fp32 array. From a memory-mapped .npy file the rows are read with a plain file
+    read: pages touched through the mapping would stay in this process's resident memory (as its own pages when no
+    other process maps them) until the array is closed, a whole shard's worth by the end of a search."""
+    if isinstance(vectors, np.memmap) and isinstance(vectors.base, mmap.mmap) and vectors.flags.c_contiguous:
+        hi = min(hi, len(vectors))
+        row = int(np.prod(vectors.shape[1:], dtype=np.int64)) if vectors.ndim > 1 else 1
+        rows = np.fromfile(vectors.filename, dtype=vectors.dtype, count=max(0, hi - lo) * row,
+                           offset=vectors.offset + lo * row * vectors.dtype.itemsize)
+        return np.ascontiguousarray(rows.reshape((max(0, hi - lo), *vectors.shape[1:])), dtype=np.float32)
+    return np.ascontiguousarray(vectors[lo:hi], dtype=np.float32)
+
+
 def query_blocks(queries, rows: int = 1024) -> Iterator[np.ndarray]:
     """Blocks of at most `rows` fp32 query vectors, read in turn from one array or a list of arrays (memory-mapped
     shards: only one block is in memory at a time)."""
     for part in queries if isinstance(queries, (list, tuple)) else [queries]:
         for start in range(0, len(part), rows):
-            yield np.ascontiguousarray(part[start : start + rows], dtype=np.float32)
+            yield read_rows(part, start, start + rows)
 
 
 def count_queries(queries) -> int:
@@ -121,7 +135,7 @@ class TorchExact:
         for device, lo, hi in zip(devices, bounds, bounds[1:]):
             for start in range(lo, hi, chunk_rows):  # copied a chunk at a time: memory-mapped shards stay on disk
                 stop = min(hi, start + chunk_rows)
-                full = torch.from_numpy(np.ascontiguousarray(vectors[start:stop], dtype=np.float32)).to(device)
+                full = torch.from_numpy(read_rows(vectors, start, stop)).to(device)
                 low = None if self.exact else full.to(self.dtype)
                 self.chunks.append((start, full, low, float(full.norm(dim=1).max()) if len(full) else 0.0))
 
@@ -247,7 +261,7 @@ def search_chunked_flat(queries, vectors: np.ndarray, k: int, chunk_rows: int = 
     index = faiss.IndexFlatIP(vectors.shape[1])
     for lo in range(0, len(vectors), chunk_rows):
         index.reset()
-        index.add(np.ascontiguousarray(vectors[lo : lo + chunk_rows], dtype=np.float32))
+        index.add(read_rows(vectors, lo, lo + chunk_rows))
         done = 0
         for block in query_blocks(queries, query_batch):
             scores, positions = index.search(block, min(k, index.ntotal))
