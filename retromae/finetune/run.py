@@ -175,7 +175,8 @@ class DevSelector:
         bi_encoder.eval()
         try:
             loss = self.cfg.loss
-            search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator)
+            search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator,
+                                  work_dir=self.cfg.train.output_dir)  # scratch shards under the run's folder
             if loss.representation == "dupmae":
                 result = self._score_dupmae(bi_encoder, device, search)
             else:

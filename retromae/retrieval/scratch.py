@@ -51,11 +51,13 @@ def scratch_root(work_dir: str | None, output: str | None) -> Path | None:
 
 
 def make_scratch(root: Path | None, prefix: str) -> Path:
-    """A fresh hidden folder under `root` (made if missing), or in the system's temporary folder."""
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{prefix}" if root is not None else prefix,
-                                 dir=str(root) if root is not None else None))
+    """A fresh folder under `root` (made if missing), named `.PREFIXXXXX.tmp` as every temporary of a run folder is,
+    so that what a killed run leaves there is removed when the folder is next used; or one in the system's
+    temporary folder."""
+    if root is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}", suffix=".tmp", dir=str(root)))
 
 
 def check_space(folder: Path, needed: int, what: str) -> None:
