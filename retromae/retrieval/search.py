@@ -190,13 +190,13 @@ class TorchExact:
             top = (q32 @ full.T).topk(min(k, len(full)), dim=1)
             ceiling = np.full(len(block), -np.inf)
             return top.values.cpu().numpy(), (top.indices + lo).cpu().numpy(), ceiling
-        approximate = (q32.to(self.dtype) @ low.T).float()
+        approximate = q32.to(self.dtype) @ low.T  # kept in half precision: a (block x chunk) fp32 copy is 4 GB
         wanted = min(len(full), k + (self.margin if self.margin is not None else max(64, k // 4)))
         top = approximate.topk(wanted, dim=1)
         exact = _rescore(q32, full, top.indices)
         if wanted < len(full):
             error = self.bound * q32.norm(dim=1) * largest
-            ceiling = top.values[:, -1] + error
+            ceiling = top.values[:, -1].float() + error
             ceiling = torch.where(torch.isfinite(approximate).all(dim=1), ceiling, torch.inf)  # fp16 overflowed
         else:
             ceiling = torch.full((len(block),), -torch.inf, device=full.device)
