@@ -271,16 +271,16 @@ def _run(shards: list[Shard], cfg: DataConfig, tokenizer, folder: Path, num_proc
         from concurrent.futures import ProcessPoolExecutor, as_completed
         from concurrent.futures.process import BrokenProcessPool
 
-        with ProcessPoolExecutor(min(num_proc, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_worker_init) as pool:
+        pool = ProcessPoolExecutor(min(num_proc, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init)
+        try:
             futures = [pool.submit(_build_one, job) for job in jobs]
-            try:
-                _check((f.result() for f in as_completed(futures)), folder, len(jobs))
-            except BrokenProcessPool:
-                for future in futures:
-                    future.cancel()
-                _fail(folder, "ConfigError: data preparation: a worker process died while tokenizing the corpus "
-                      "(killed by the system, most often for lack of memory: lower data.num_proc)")
+            _check((f.result() for f in as_completed(futures)), folder, len(jobs))
+        except BrokenProcessPool:
+            _fail(folder, "ConfigError: data preparation: a worker process died while tokenizing the corpus "
+                  "(killed by the system, most often for lack of memory: lower data.num_proc)")
+        finally:  # on a failure, the shards not started are dropped (the workers finish the one they are on)
+            pool.shutdown(wait=False, cancel_futures=True)
     else:
         _check(map(_build_one, jobs), folder, len(jobs))
 
