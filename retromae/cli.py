@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--title-separator", default=" ")
     m.add_argument("--representation", choices=["dense", "splade"], default="dense",
                    help="splade: retrieve with the model's SPLADE vectors (exact sparse search)")
+    _add_scratch_arguments(m)
     _add_encode_arguments(m)
     d = sub.add_parser("demo", help="pretrain all-MiniLM-L6-v2 with RetroMAE on standard-library docstrings")
     d.add_argument("--output-dir", default="runs/demo", help="where the corpus, logs and model go")
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, help="JSON of the results (a Markdown table with --suite)")
     e.add_argument("--run", default=None, help="write the run in TREC format here")
     e.add_argument("--data-root", default=None, help="with --suite: folder holding the datasets")
+    _add_scratch_arguments(e)
     _add_encode_arguments(e)
     # Search options default to None: left out, they keep the suite's (or SearchConfig's) values.
     e.add_argument("--metrics", nargs="+", help="e.g. ndcg@10 recall@100 mrr@10 map (default: " +
@@ -134,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_scratch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work-dir", help="scratch folder for the vector shards (default: $RETROMAE_WORK, else beside "
+                   "--output; several machines need one they all see)")
+    p.add_argument("--shard-dtype", choices=["float32", "float16"], help="vectors in the scratch shards (default "
+                   "float32; float16 takes half the disk)")
+
+
 def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
     """Encoding options; left out, they keep the recipe's (or EncodeConfig's) values."""
     p.add_argument("--pooling", choices=["auto", "cls", "mean"], help="default: the model's own (sentence-transformers "
@@ -147,6 +156,8 @@ def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], help="default: auto (bf16 where the "
                    "hardware has it)")
+    p.add_argument("--timeout-minutes", type=float, help="under accelerate launch: how long a process waits for the "
+                   "others (default 30)")
 
 
 _ENCODE_FIELDS = ("pooling", "normalize", "query_max_len", "passage_max_len", "query_prefix", "passage_prefix",
@@ -164,7 +175,7 @@ def _encode_config(args, base=None):
 
 _SEARCH_OPTIONS = {"depth": "depth", "index": "index", "gpu_index": "use_gpu", "representation": "representation",
                    "hybrid_search": "hybrid_search", "candidate_pool": "candidate_pool", "metrics": "metrics",
-                   "title_separator": "title_separator"}
+                   "title_separator": "title_separator", "work_dir": "work_dir", "shard_dtype": "shard_dtype"}
 
 
 def _evaluate(args) -> None:
@@ -285,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     # saved once: expected here, and they are tied again on load
     logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
     try:
+        from retromae.distributed import configure_timeout
+
+        configure_timeout(getattr(args, "timeout_minutes", None))  # evaluate, mine, encode: before the process group
         if args.command == "pretrain":
             from retromae.pretrain import load_config, run
 
@@ -293,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             from retromae.study import load_study, run_study
 
             report = run_study(load_study(args.config, args.overrides))
-            print("\n" + report["table"])
+            if report is not None:  # the main process's (the others have none)
+                print("\n" + report["table"])
         elif args.command == "prepare":
             from retromae.pretrain import load_config, prepare
 
@@ -317,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
 
             summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
                                      MineConfig(args.depth, args.skip_top, args.index, args.title_separator,
-                                                representation=args.representation))
+                                                representation=args.representation,
+                                                work_dir=args.work_dir, shard_dtype=args.shard_dtype or "float32"))
             if summary:
                 print(f"mined {summary['negatives_per_query']:.1f} negatives for each of {summary['queries']} "
                       f"queries into {summary['output']}")

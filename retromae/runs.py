@@ -11,7 +11,10 @@ written. On the main process it
 - on `train.resume`, compares the settings the run was started with (saved as `run_config.yaml`, and in each
   checkpoint) with the current ones and names every key that differs;
 - writes the run's settings to `OUTPUT/run_config.yaml`.
-The other processes wait for its verdict (a broadcast, seconds at most) and stop with the same message.
+The other processes wait for its verdict (a broadcast, seconds at most) and stop with the same message. Then every
+process of the launch checks that it sees the same folder as the main process (`check_same_folder`): on machines
+that do not share it, one machine would resume a checkpoint while another started afresh, and DDP would average the
+gradients of different weights without an error.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import socket
 from pathlib import Path
 
 import yaml
 
 from retromae.config import ConfigError, dump_yaml
-from retromae.io import remove_path, stale_temporaries
+from retromae.io import atomic_write_text, remove_path, stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +172,40 @@ def _check_and_prepare(output_dir: Path, train_cfg, run_config: dict) -> None:
     dump_yaml(run_config, output_dir / RUN_CONFIG)
 
 
+def check_same_folder(folder: str | Path, setting: str) -> None:
+    """Stop, on every process, if some process of the launch does not see `folder` as the main process does: the
+    main process writes a file with a fresh random name there and every process looks for it (one collective, a
+    second at most). A folder that is the same path on every machine but not on a filesystem they share fails too."""
+    from retromae.distributed import broadcast_decision, gather_objects, world
+
+    rank, size = world()
+    if size == 1:
+        return
+    folder = Path(folder)
+    marker = None
+    if rank == 0:
+        marker = folder / f".launch-check-{secrets.token_hex(8)}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, marker.name)
+        except OSError as err:
+            marker = None
+            logger.warning("%s: could not write the folder check (%s)", folder, err)
+    name = broadcast_decision(marker.name if marker else None)
+    if name is None:
+        return
+    seen = (folder / name).is_file()
+    views = gather_objects((seen, socket.gethostname(), os.getpid()))
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    blind = [f"process {r} (pid {pid} on {host})" for r, (ok, host, pid) in enumerate(views) if not ok]
+    if blind:
+        raise ConfigError(f"{setting}={folder}: the processes of this launch do not see the same folder: "
+                          f"{', '.join(blind)} cannot see a file that process 0 wrote there. Every machine must "
+                          f"see it at the same path, on a filesystem they share (an absolute path on a shared "
+                          "filesystem; a relative path is relative to each machine's working folder)")
+
+
 @contextlib.contextmanager
 def claim_output_dir(train_cfg, run_config: dict, accelerator):
     """Hold `train_cfg.output_dir` for the length of the block (see the module docstring)."""
@@ -190,6 +228,7 @@ def claim_output_dir(train_cfg, run_config: dict, accelerator):
     try:
         if verdict[0] is not None:
             raise ConfigError(verdict[0])
+        check_same_folder(output_dir, "train.output_dir")
         yield output_dir
     finally:
         if handle is not None:

@@ -11,7 +11,10 @@ noise. A cell (arm, seed) is one directory, `<output_dir>/<arm>/seed<k>/`:
 Then `study.json` (every score), `study.md` (datasets x arms, with the average, mean ± std over seeds, BM25 and the
 untouched model as reference rows) and `study.png` (nDCG@10 per dataset and arm, the control and BM25 marked).
 
-Each stage runs through the same code as `retromae pretrain`, `finetune` and `evaluate`, in this process.
+Each stage runs through the same code as `retromae pretrain`, `finetune` and `evaluate`, in this process. Under
+`accelerate launch` every process runs the stages together, but only the main process decides (which stages are
+done) and writes (results, baselines, reports, links); the others receive its decisions. BM25 runs on the main
+process alone while the others wait for it without a collective (`retromae.distributed.run_on_main`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class StudyConfig:
     data_root: str | None = None  # override the suite's data_root
     baselines: list[str] = field(default_factory=lambda: ["bm25", "initial"])  # reference rows: bm25 | initial
     arms: list[ArmConfig] = field(default_factory=list)  # the arms (one with objective: null is the control)
+    timeout_minutes: float = 30.0  # under a launch: how long a process waits for the others, in every stage
 
     def validate(self) -> None:
         if not self.arms:
@@ -85,14 +89,15 @@ def run_cell(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
 
     cell = Path(cfg.output_dir) / arm.name / f"seed{seed}"
     results = cell / "results.json"
-    if results.is_file():
-        return json.loads(results.read_text(encoding="utf-8"))
+    if broadcast_decision(results.is_file()):
+        return json.loads(results.read_text(encoding="utf-8")) if is_main() else None
     start = cfg.model
     if arm.objective:
         model = cell / "pretrain" / "model"
-        if not model.is_dir():
+        if not broadcast_decision(model.is_dir()):
             overrides = [f"model.name_or_path={_quote(cfg.model)}", f"train.output_dir={_quote(str(cell / 'pretrain'))}",
-                         f"train.seed={seed}", "train.overwrite=true", *cfg.pretrain_overrides]
+                         f"train.seed={seed}", "train.overwrite=true", f"train.timeout_minutes={cfg.timeout_minutes}",
+                         *cfg.pretrain_overrides]
             overrides += [f"objective={_quote(arm.objective)}", *arm.overrides]
             pcfg = load_config(cfg.pretrain, overrides)
             if cfg.budget_tokens:
@@ -104,17 +109,20 @@ def run_cell(cfg: StudyConfig, arm: ArmConfig, seed: int) -> dict:
             pretrain(pcfg)
         start = str(model)
     tuned = cell / "finetune" / "model"
-    if not tuned.is_dir():
+    if not broadcast_decision(tuned.is_dir()):
         fcfg = load_finetune_config(cfg.finetune, [f"model.name_or_path={_quote(start)}",
                                                    f"train.output_dir={_quote(str(cell / 'finetune'))}",
                                                    f"train.seed={seed}", "train.overwrite=true",
+                                                   f"train.timeout_minutes={cfg.timeout_minutes}",
                                                    *cfg.finetune_overrides])
         logger.info("study %s: fine-tuning arm %s, seed %d", cfg.name, arm.name, seed)
         finetune(fcfg)
     link = cell / "model"
+    rows = _evaluate(str(tuned), cfg, load_suite, run_suite)  # every process: the encoding is shared out
+    if not is_main():
+        return None
     if not link.exists():
         link.symlink_to(Path("finetune") / "model")
-    rows = _evaluate(str(tuned), cfg, load_suite, run_suite)
     record = {"arm": arm.name, "seed": seed, "model": str(link), "rows": rows}
     atomic_write_text(results, json.dumps(record, indent=1))
     return record
@@ -128,17 +136,23 @@ def _evaluate(model: str, cfg: StudyConfig, load_suite, run_suite) -> dict:
     return {r["dataset"]: {m: r[m] for m in suite.search.metrics} for r in rows}
 
 
-def run_baselines(cfg: StudyConfig) -> dict:
-    """BM25 and the untouched initial model on the same suite (cached in <output_dir>/baselines.json)."""
+def run_baselines(cfg: StudyConfig) -> dict | None:
+    """BM25 and the untouched initial model on the same suite (cached in <output_dir>/baselines.json); on the main
+    process (None on the others). BM25 runs on the main process alone, the others waiting without a collective; the
+    initial model is encoded by every process."""
     from retromae.retrieval.evaluate import load_suite, run_suite
 
     path = Path(cfg.output_dir) / "baselines.json"
-    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    for name in cfg.baselines:
-        if name not in done:
-            done[name] = _evaluate("bm25" if name == "bm25" else cfg.model, cfg, load_suite, run_suite)
+    done = json.loads(path.read_text(encoding="utf-8")) if is_main() and path.is_file() else {}
+    for name in broadcast_decision([n for n in cfg.baselines if n not in done]):
+        if name == "bm25":
+            rows = run_on_main("the BM25 baseline", lambda: _evaluate("bm25", cfg, load_suite, run_suite))
+        else:
+            rows = _evaluate(cfg.model, cfg, load_suite, run_suite)
+        if is_main():
+            done[name] = rows
             atomic_write_text(path, json.dumps(done, indent=1))
-    return done
+    return done if is_main() else None
 
 
 def mine_once(cfg: StudyConfig) -> list[str]:
@@ -150,20 +164,45 @@ def mine_once(cfg: StudyConfig) -> list[str]:
     from retromae.retrieval.encoder import EncodeConfig
 
     mined = Path(cfg.output_dir) / "mined.jsonl"
-    if not mined.is_file():
+    if not broadcast_decision(mined.is_file()):
         logger.info("study %s: mining negatives for %s with %s", cfg.name, cfg.mine, cfg.model)
         mine_negatives(cfg.model, cfg.mine, str(mined), "train", EncodeConfig(),
                        MineConfig(depth=cfg.mine_depth, skip_top=cfg.mine_skip_top))
     return [f"data.train={_quote(str(mined))}", f"data.corpus={_quote(cfg.mine)}", "data.format=mined"]
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def is_main() -> bool:
+    from retromae.distributed import world
+
+    return world()[0] == 0
+
+
+def broadcast_decision(value):
+    from retromae.distributed import broadcast_decision as broadcast
+
+    return broadcast(value)
+
+
+def run_on_main(name: str, step):
+    from retromae.distributed import run_on_main as on_main
+
+    return on_main(name, step)
+
+
+def run_study(cfg: StudyConfig) -> dict | None:
+    """Run every cell and the baselines, write the reports; the report on the main process (None on the others)."""
+    from retromae.distributed import configure_timeout, process_state
+
+    configure_timeout(cfg.timeout_minutes)
+    process_state()  # the launch's process group, with the study's timeout, before any stage makes it
     cfg.finetune_overrides = [*mine_once(cfg), *cfg.finetune_overrides]
     cells = []
     for arm in cfg.arms:
         for seed in arm.seeds or cfg.seeds:
             cells.append(run_cell(cfg, arm, seed))
     baselines = run_baselines(cfg)
+    if not is_main():
+        return None
     report = summarize(cfg, cells, baselines)
     out = Path(cfg.output_dir)
     atomic_write_text(out / "study.json", json.dumps(report, indent=1))

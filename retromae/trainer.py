@@ -102,6 +102,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
+    from retromae.distributed import configure_timeout
+
+    configure_timeout(cfg.timeout_minutes)  # the same patience for waits outside collectives (run_on_main, the cache)
     device_type = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     if cfg.deterministic:
         use_deterministic_kernels()
@@ -160,6 +163,33 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def agree_on_checkpoint(output_dir: str | Path, where: str) -> Path | None:
+    """The checkpoint every process resumes: the main process chooses it ('latest': the newest in output_dir, None
+    if there is none) and tells the others, and every process checks that it can read it. Each process choosing
+    'latest' on its own resumed step N on one machine and started afresh on another whose folder was not shared."""
+    from retromae.distributed import broadcast_decision, gather_objects, world
+
+    chosen = None
+    if world()[0] == 0:
+        if where == "latest":
+            found = checkpoint_dirs(output_dir)
+            chosen = str(found[-1]) if found else None
+        else:
+            chosen = str(where)
+    chosen = broadcast_decision(chosen)
+    if chosen is None:
+        return None
+    path = Path(chosen)
+    missing = [r for r, seen in enumerate(gather_objects((path / "trainer_state.json").is_file())) if not seen]
+    if 0 in missing:
+        raise ConfigError(f"{path}: not a checkpoint (no trainer_state.json); train.resume takes 'latest' or a "
+                          "checkpoint folder")
+    if missing:
+        raise ConfigError(f"{path}: process 0 resumes this checkpoint but process(es) {missing} cannot read it: "
+                          "train.output_dir must be on a filesystem every machine shares")
+    return path
 
 
 def _examples(batch: dict) -> int:
@@ -299,17 +329,11 @@ class Trainer:
         return final
 
     def resume(self, where: str) -> None:
-        if where == "latest":
-            found = checkpoint_dirs(self.cfg.output_dir)
-            if not found:
-                logger.info("no checkpoint in %s: starting fresh", self.cfg.output_dir)
-                return
-            path = found[-1]
-        else:
-            path = Path(where)
+        path = agree_on_checkpoint(self.cfg.output_dir, where)
+        if path is None:
+            logger.info("no checkpoint in %s: starting fresh", self.cfg.output_dir)
+            return
         state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise ConfigError(f"{path}: not a checkpoint (no trainer_state.json); train.resume takes 'latest' or a checkpoint folder")
         state = json.loads(state_file.read_text())
         global_batch = self.cfg.per_device_batch_size * self.accelerator.num_processes
         if (state["global_batch"], state["gradient_accumulation_steps"], state["num_processes"]) != (

@@ -1,25 +1,34 @@
-"""Memory of the fine-tuning data, `retromae mine` and `retromae evaluate` on MS MARCO-format data, measured at a
-chosen size and projected to MS MARCO's: does a process of an 8-GPU run fit?
+"""Memory of the fine-tuning data, `retromae mine` and `retromae evaluate` at MS MARCO's size, per process of a
+launch: measured on a real 2-process launch at a chosen size, projected to one of 8 processes on MS MARCO.
 
     python scripts/bench_scale.py [--passages 1000000] [--queries 100000] [--triples 20000000] [--dev 2000]
 
 Generates MS MARCO-format files with synthetic text (collection.tsv, queries.train.tsv, qrels.train.tsv,
 qidpidtriples.train.tsv, a teacher-score file of 30 pairs per query, queries/qrels.dev.small.tsv; nothing is
-downloaded) and a tiny random encoder (2 layers, 32 dims: the point is the data structures, not the model), then
-runs each stage in a fresh process and reads its peak resident memory (above the memory of the imports):
-- data:     the fine-tuning data (collection, queries, positives, a per-query sample of 30 negatives streamed from
-            the triples, teacher scores), and a few batches built from it;
-- mine:     `retromae mine` of every training query (depth 50);
-- evaluate: `retromae evaluate` on the dev queries (depth 1000).
-Each stage runs at half and at full size, so that its memory splits into a fixed part and a part that grows with
-the data; mine and evaluate also run at 128 dims, which checks the count of the vector arrays (the part that grows
-with the dimension) against what the code holds: the corpus shard twice (its memory-mapped file and the index's
-copy) and every query vector twice (the shards and their concatenation).
+downloaded) and tiny random encoders (2 layers, 32 and 128 dims: the point is the data structures, not the model),
+then runs each stage as `accelerate launch --multi_gpu --num_processes 2` on the CPU, with the settings a user gets
+by default (`MineConfig()`: depth 100; evaluation with eval/msmarco_dev.yaml's metrics, MRR@10, R@50, R@1000, so
+depth 1000; the default search backend, index and work folder; texts cut to 40 tokens, the encoder's own limit
+being 64):
+- data:     the fine-tuning data (collection, queries, positives, a per-query sample of 30 negatives from the
+            triples, teacher scores) and 20 batches built from it, in every process;
+- mine:     `retromae mine` of every training query;
+- evaluate: `retromae evaluate` on the dev queries.
 
-Projection to MS MARCO (8.8M passages, 500k training queries, 6,980 dev queries, 397M triples, 768 dims) for one
-process of an 8-process launch: fixed + data part x (8.8M / passages measured) + the vector arrays at 768 dims with
-1/8 of the corpus per process (the stages shard the corpus by process; queries, results and the collection's id
-index are not sharded and are counted whole). Printed: a table, and last, projected_gb=<the largest stage>.
+Each process samples its own /proc/self/smaps_rollup every 0.2 s and reports, above its memory after the imports:
+the peak of its private memory (USS: pages no other process maps, Private_Clean + Private_Dirty, the part that is
+its own to pay for), and apart from it the clean file-backed part of that (pages of memory-mapped files read by this
+process alone, which the kernel can drop), its anonymous memory, and the peak of the shared pages (memory-mapped
+files that both processes read: the collection table, the id index, the query shards; paid once per machine).
+
+Projection to one of 8 processes on MS MARCO (8.8M passages, 502,939 training queries, 6,980 dev queries, 768
+dims): each stage runs at half and at full size (passages, queries and triples together), which splits the larger
+process's private peak into a fixed part and a part that grows; the grown part is scaled by the larger of MS MARCO's
+ratios (passages per process, training or dev queries per process's search) to the measured ones, which over-counts
+whichever grows less. Each stage also runs at 128 dims at full size: the difference to 32 dims, per dimension, times
+(768 - 32), is the part that grows with the vectors' width. The main process of `evaluate` merges every process's
+results (8 at MS MARCO, 2 here) a block of 2,048 queries at a time, so that part does not grow with the processes.
+Printed: a table, and last, projected_gb=<the largest stage>.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,11 +48,48 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MS_MARCO = {"passages": 8_841_823, "queries": 502_939, "dev": 6_980, "dim": 768, "processes": 8}
+PROCESSES = 2  # the measured launch
+FIELDS = ("Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty", "Anonymous", "Pss")
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def smaps() -> dict[str, float]:
+    """This process's memory in MB from /proc/self/smaps_rollup: uss, file (private clean: file pages), anon, shared."""
+    values = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in FIELDS:
+                values[name] = int(rest.split()[0]) / 1024
+    return {"uss": values["Private_Clean"] + values["Private_Dirty"], "file": values["Private_Clean"],
+            "anon": values["Anonymous"], "shared": values["Shared_Clean"] + values["Shared_Dirty"], "pss": values["Pss"]}
+
+
+class Monitor:
+    """Samples smaps() every `every` seconds in a thread; the peak of each measure, and the measures at the USS peak."""
+
+    def __init__(self, every: float = 0.2):
+        self.baseline = smaps()
+        self.peaks = dict(self.baseline)
+        self.at_peak = dict(self.baseline)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.2):
+            self.sample()
+
+    def sample(self) -> None:
+        now = smaps()
+        if now["uss"] > self.peaks["uss"]:
+            self.at_peak = now
+        self.peaks = {k: max(v, now[k]) for k, v in self.peaks.items()}
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.thread.join()
+        self.sample()
+        return {"baseline": self.baseline, "peak": self.peaks, "at_peak": self.at_peak}
 
 
 # ----- the data --------------------------------------------------------------------------------------------
@@ -88,22 +134,24 @@ def _stems() -> list[str]:
     return [f"{c}{v}{e}" for c in "bcdfglmnprst" for v in ("a", "e", "i", "o", "u") for e in ("n", "r", "s", "t")]
 
 
-# ----- the stages (each in its own process) ------------------------------------------------------------------
+# ----- a stage, in each process of the launch ------------------------------------------------------------------
 
 
-def stage(name: str, folder: Path, model: Path, dim_model: Path) -> dict:
+def stage(name: str, folder: Path, model: Path, out: Path) -> None:
     import faiss  # noqa: F401  (the libraries first: their code is not the data's memory)
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
+    from retromae.distributed import process_state
     from retromae.finetune import data as _data, mine as _mine  # noqa: F401
     from retromae.retrieval import evaluate as _evaluate  # noqa: F401
     from retromae.retrieval.encoder import EncodeConfig
 
-    before = rss_mb()
+    state = process_state()
+    state.wait_for_everyone()
+    monitor = Monitor()
     started = time.perf_counter()
-
-    encode = EncodeConfig(precision="no", passage_max_len=40, query_max_len=16, batch_size=512)
+    encode = EncodeConfig(passage_max_len=40, query_max_len=16)
     if name == "data":
         from transformers import AutoTokenizer
 
@@ -120,35 +168,45 @@ def stage(name: str, folder: Path, model: Path, dim_model: Path) -> dict:
     elif name == "mine":
         from retromae.finetune.mine import MineConfig, mine_negatives
 
-        summary = mine_negatives(str(dim_model), str(folder), str(folder / "mined.jsonl"), "train", encode,
-                                 MineConfig(depth=50))
-        detail = {"queries": summary["queries"]}
+        summary = mine_negatives(str(model), str(folder), str(folder / "mined.jsonl"), "train", encode, MineConfig())
+        detail = {"depth": MineConfig().depth, **({"negatives_per_query": round(summary["negatives_per_query"], 1)}
+                                                  if summary else {})}
     else:
-        from retromae.retrieval.evaluate import SearchConfig, evaluate_model
+        from retromae.retrieval.evaluate import evaluate_model, load_suite
 
-        result = evaluate_model(str(dim_model), str(folder), "dev.small", encode,
-                                SearchConfig(metrics=["mrr@10", "recall@1000"]))
-        detail = {"queries": result["num_queries"], "mrr@10": round(result["mrr@10"], 4)}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"stage": name, "peak_mb": peak - before, "imports_mb": before, "seconds": time.perf_counter() - started,
-            **detail}
+        search = load_suite(str(ROOT / "eval" / "msmarco_dev.yaml")).search
+        result = evaluate_model(str(model), str(folder), "dev.small", encode, search,
+                                output=str(folder / "dev.json"))
+        detail = {"depth": search.retrieval_depth(), **({"mrr@10": round(result["mrr@10"], 4)} if result else {})}
+    state.wait_for_everyone()
+    record = {"stage": name, "rank": state.process_index, "seconds": time.perf_counter() - started, **monitor.stop(),
+              **detail}
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(record))
 
 
-def run_stage(name: str, folder: Path, model: Path, dim_model: Path, cache: Path) -> dict:
-    env = {**os.environ, "RETROMAE_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, __file__, "--stage", name, "--folder", str(folder), "--model", str(model),
-                           "--dim-model", str(dim_model)], env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(name: str, folder: Path, model: Path, cache: Path, out: Path) -> list[dict]:
+    """The stage under a 2-process CPU launch; each process's record."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RETROMAE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), __file__, "--stage", name, "--folder", str(folder), "--model", str(model), "--out",
+               str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(PROCESSES)
+               if (out / f"rank{r}.json").is_file()]
+    if done.returncode != 0 or len(records) != PROCESSES:
         raise SystemExit(f"stage {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
-def vector_mb(stage_name: str, passages: int, queries: int, dev: int, dim: int, processes: int = 1) -> float:
-    """The vector arrays a process holds (see the module docstring), in MB."""
-    shard = passages / processes
-    count = {"data": 0, "mine": 2 * shard + 2 * queries, "evaluate": 2 * shard + 2 * dev}[stage_name]
-    return count * dim * 4 / 2**20
+    return records
 
 
 def main() -> None:
@@ -161,10 +219,10 @@ def main() -> None:
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--dim-model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
-        print(json.dumps(stage(args.stage, Path(args.folder), Path(args.model), Path(args.dim_model))))
+        stage(args.stage, Path(args.folder), Path(args.model), Path(args.out))
         return
     import shutil
 
@@ -179,12 +237,11 @@ def main() -> None:
 def measure(work: Path, args) -> None:
     from retromae.tiny import make_tiny_model
 
-    sizes = {"half": 0.5, "full": 1.0}
     models = {d: work / f"model-{d}" for d in (32, 128)}
     for dim, path in models.items():
         make_tiny_model(path, [" ".join(_stems())] * 20, vocab_size=1000, hidden=dim, layers=2, max_positions=64)
     rows = []
-    for size, fraction in sizes.items():
+    for size, fraction in (("half", 0.5), ("full", 1.0)):
         counts = {k: int(getattr(args, k) * fraction) for k in ("passages", "queries", "triples")}
         folder = work / size
         started = time.perf_counter()
@@ -192,46 +249,64 @@ def measure(work: Path, args) -> None:
         print(f"{size}: generated {counts} in {time.perf_counter() - started:.0f} s", flush=True)
         for name in ("data", "mine", "evaluate"):
             for dim in (32, 128) if size == "full" and name != "data" else (32,):
-                result = run_stage(name, folder, models[32], models[dim], work / f"cache-{size}-{dim}")
-                rows.append({**result, "size": size, "dim": dim, **counts})
-                print(f"  {name:9s} dim {dim:3d}: peak {result['peak_mb']:8.0f} MB above "
-                      f"{result['imports_mb']:.0f} MB of imports, {result['seconds']:.0f} s", flush=True)
-        shutil_rmtree(folder)
+                records = run_stage(name, folder, models[32 if name == "data" else dim], work / f"cache-{size}-{dim}",
+                                    work / "records" / f"{size}-{name}-{dim}")
+                for record in records:
+                    rows.append({**record, "size": size, "dim": dim, **counts})
+                    above = {k: record["peak"][k] - record["baseline"][k] for k in ("uss", "file", "anon", "shared")}
+                    print(f"  {name:9s} dim {dim:3d} process {record['rank']}: private peak {above['uss']:7.0f} MB "
+                          f"(file-backed {above['file']:.0f}, anonymous {above['anon']:.0f}), shared peak "
+                          f"{record['peak']['shared']:.0f} MB; imports {record['baseline']['uss']:.0f} MB; "
+                          f"{record['seconds']:.0f} s", flush=True)
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
     report(rows, args)
 
 
-def shutil_rmtree(folder: Path) -> None:
-    import shutil
+def private_peak(rows: list[dict], name: str, size: str, dim: int) -> dict:
+    """The process with the larger private peak (above its imports) for this stage, size and width."""
+    found = [r for r in rows if (r["stage"], r["size"], r["dim"]) == (name, size, dim)]
+    return max(found, key=lambda r: r["peak"]["uss"] - r["baseline"]["uss"])
 
-    shutil.rmtree(folder, ignore_errors=True)
+
+def above(record: dict, key: str = "uss") -> float:
+    return record["peak"][key] - record["baseline"][key]
 
 
 def report(rows: list[dict], args) -> None:
-    full_scale = MS_MARCO["passages"] / args.passages
-    print("\n| stage | half size MB | full size MB | 128 dims MB (vectors predicted) | fixed MB | grows MB per 1M "
-          "passages | MS MARCO, 1 of 8 processes, GB |\n|---|---:|---:|---:|---:|---:|---:|")
-    projections = []
+    print("\n| stage | half size, private MB | full size, private MB (file-backed; anonymous) | shared MB (peak) | "
+          "128 dims, private MB | fixed MB | grows MB | per dim MB | MS MARCO, 1 of 8 processes, GB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    projections = {}
     for name in ("data", "mine", "evaluate"):
-        get = {(r["size"], r["dim"]): r for r in rows if r["stage"] == name}
-        half, full = get[("half", 32)], get[("full", 32)]
-        vec = lambda r, dim, procs=1: vector_mb(name, r["passages"], r["queries"], args.dev, dim, procs)  # noqa: E731
-        rest_full, rest_half = full["peak_mb"] - vec(full, 32), half["peak_mb"] - vec(half, 32)
-        grows = (rest_full - rest_half) / (full["passages"] - half["passages"]) * 1e6
-        fixed = rest_full - grows * full["passages"] / 1e6
-        queries_full = MS_MARCO["queries"] / args.queries * full["queries"]
-        projected = (fixed + grows * MS_MARCO["passages"] / 1e6 + full["imports_mb"]
-                     + vector_mb(name, MS_MARCO["passages"], queries_full, MS_MARCO["dev"], MS_MARCO["dim"],
-                                 MS_MARCO["processes"])) / 1024
-        projections.append(projected)
-        check = "–"
-        if ("full", 128) in get:
-            measured = get[("full", 128)]["peak_mb"] - full["peak_mb"]
-            check = f"{get[('full', 128)]['peak_mb']:.0f} (+{measured:.0f}; {vec(full, 128) - vec(full, 32):.0f})"
-        print(f"| {name} | {half['peak_mb']:.0f} | {full['peak_mb']:.0f} | {check} | {fixed:.0f} | {grows:.0f} | "
+        half, full = private_peak(rows, name, "half", 32), private_peak(rows, name, "full", 32)
+        grows_by = above(full) - above(half)
+        fixed = above(full) - grows_by / 0.5  # the fit at zero size: full = fixed + grows (half = fixed + grows / 2)
+        grown = 2 * grows_by  # the growing part at full size
+        ratios = [MS_MARCO["passages"] / MS_MARCO["processes"] / (args.passages / PROCESSES)]
+        if name in ("data", "mine"):
+            ratios.append(MS_MARCO["queries"] / args.queries)
+        else:
+            ratios.append(MS_MARCO["dev"] / args.dev)
+        scale = max(ratios)
+        per_dim = 0.0
+        wide = "–"
+        if name != "data":
+            at128 = private_peak(rows, name, "full", 128)
+            per_dim = (above(at128) - above(full)) / (128 - 32)
+            wide = f"{above(at128):.0f}"
+        imports = full["baseline"]["uss"]
+        projected = (imports + fixed + max(0.0, grown) * scale + per_dim * (MS_MARCO["dim"] - 32)) / 1024
+        projections[name] = projected
+        print(f"| {name} | {above(half):.0f} | {above(full):.0f} ({above(full, 'file'):.0f}; {above(full, 'anon'):.0f}) "
+              f"| {full['peak']['shared']:.0f} | {wide} | {fixed:.0f} | {grown:.0f} (x{scale:.1f}) | {per_dim:.2f} | "
               f"{projected:.1f} |")
-    print(f"\nscale to MS MARCO: x{full_scale:.1f} passages, x{MS_MARCO['queries'] / args.queries:.1f} queries, "
-          f"768 dims; {MS_MARCO['processes']} processes")
-    print(f"projected_gb={max(projections):.1f}")
+    print(f"\nmeasured: {PROCESSES} processes, {args.passages:,} passages ({args.passages // PROCESSES:,} per process), "
+          f"{args.queries:,} training queries, {args.dev:,} dev queries; projected: {MS_MARCO['processes']} processes, "
+          f"{MS_MARCO['passages']:,} passages, {MS_MARCO['queries']:,} queries, {MS_MARCO['dev']:,} dev, 768 dims; "
+          "private = USS above the imports (imports added back in the projection)")
+    print(f"projected_gb={max(projections.values()):.1f}")
 
 
 if __name__ == "__main__":

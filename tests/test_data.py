@@ -1,10 +1,12 @@
 """Corpus reading with clear errors, cutting into examples, and process-sharded, resumable batches."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from retromae.config import ConfigError
 from retromae.data.batches import Position, StoreBatches, collate
 from retromae.data.corpus import CorpusError, TextFields, read_corpus
 from retromae.data.examples import DataConfig, ExampleBuilder, pack_blocks, split_sentences
@@ -266,3 +268,43 @@ def test_two_processes_prepare_the_cache_one_process_would(tmp_path, tiny_model,
 
     two = open_store(cache_folder(DataConfig(**{**cfg.__dict__, "cache_dir": cache}), tiny_tokenizer))
     assert two["input_ids"] == one["input_ids"] and two["doc"] == one["doc"]
+
+
+@pytest.mark.slow
+def test_a_killed_preparation_worker_ends_the_launch(tmp_path, tiny_model, docstrings, monkeypatch):
+    """A worker killed while tokenizing (SIGKILL, as the OOM killer does): multiprocessing.Pool waited for its
+    result forever, and the other process of the launch watched the folder for 10 hours. Now both stop within
+    seconds, with one message."""
+    from conftest import accelerate_launch
+
+    text = "".join(json.dumps(d) + "\n" for d in docstrings)
+    corpus = write(tmp_path / "c.jsonl", text * (2_600_000 // len(text) + 1))  # 3 shards: process 0 builds 0 and 2
+    monkeypatch.setenv("RETROMAE_FAULT", "prepare-kill:2")
+    recipe = str(Path(__file__).resolve().parents[1] / "pretrain" / "retromae_nfcorpus_small.yaml")
+    done = accelerate_launch(["-m", "retromae", "pretrain", recipe, f"model.name_or_path={tiny_model}",
+                              f"data.corpus=[{corpus}]", "data.max_len=64", "data.shard_mb=1", "data.num_proc=2",
+                              f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'out'}",
+                              "train.max_steps=2", "train.report_to=none"], cwd=tmp_path, timeout=240)
+    assert done.returncode != 0
+    message = "a worker process died while tokenizing the corpus"
+    # the first process to stop says why; the launcher then stops the other (on another machine, the other
+    # process reads the same message from the marker left in the cache: the test below)
+    assert f"retromae: error: data preparation: {message}" in done.stderr, done.stderr[-4000:]
+    markers = list((tmp_path / "cache").rglob("*.failed"))
+    assert len(markers) == 1 and message in markers[0].read_text()
+
+
+def test_any_failure_of_a_worker_is_left_for_the_other_processes(tmp_path, tiny_tokenizer, monkeypatch):
+    """An exception other than bad input (here injected) used to leave no marker: the other processes waited."""
+    from retromae.data.store import _wait_for
+
+    corpus = write(tmp_path / "c.jsonl", "".join(json.dumps({"text": f"text {i}."}) + "\n" for i in range(20)))
+    cfg = DataConfig(corpus=[corpus], max_len=48, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("RETROMAE_FAULT", "prepare-raise:0")
+    with pytest.raises(ConfigError, match="RuntimeError: injected failure while building shard 0"):
+        build_example_store(cfg, tiny_tokenizer)
+    folder = cache_folder(cfg, tiny_tokenizer)
+    with pytest.raises(ConfigError, match="RuntimeError: injected failure while building shard 0"):
+        _wait_for(folder / "meta.json", folder, 1.0)  # what another process of the launch does
+    monkeypatch.delenv("RETROMAE_FAULT")
+    assert len(build_example_store(cfg, tiny_tokenizer)) == 20, "the next attempt is not stopped by the old marker"

@@ -13,9 +13,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import BEIR, free_port
+from conftest import free_port
 from retromae.data.corpus import CorpusError
-from retromae.demo import docstring_corpus, split_first_sentence, write_retrieval_task
+from retromae.demo import docstring_corpus, split_first_sentence
 from retromae.finetune.data import load_training_data, sample_group
 from retromae.finetune.model import BiEncoder, LossConfig
 

@@ -67,33 +67,69 @@ def test_two_processes_accumulating_two_micro_batches_equal_one(one_process, tin
     compare(one_process, tmp_path / "two", weight_atol=1.2e-3)
 
 
-@pytest.mark.slow
-def test_two_machines_equal_one_process(one_process, tiny_model, corpus_file, tmp_path):
-    """The README's multi-node launch, as 2 machines x 1 process on localhost."""
+def launch_machines(args: list[str], cwds: list[Path], logs: Path, timeout: float = 600) -> tuple[list[int], list[str]]:
+    """The README's multi-node launch as 2 "machines" x 1 process on localhost, each started in its own folder:
+    (exit codes, the end of each machine's log). A machine still running at `timeout` is killed (code None)."""
     machines, port = [], str(free_port())
-    for rank in range(2):
+    for rank, cwd in enumerate(cwds):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                    "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", str(PROBE),
-                   str(tiny_model), str(corpus_file), str(tmp_path / "nodes"), "4"]
+                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
         # each machine's output goes to a file: a pipe read only after the other machine is done could fill up and
         # stall this machine in its next write, and with it the other machine in their next collective
-        log = open(tmp_path / f"machine{rank}.log", "w")
-        machines.append((subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+        log = open(logs / f"machine{rank}.log", "w")
+        machines.append((subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
                                           start_new_session=True), log))
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while any(m.poll() is None for m, _ in machines) and time.monotonic() < deadline:
         if any(m.poll() not in (None, 0) for m, _ in machines):
-            break  # one machine failed: the other would only wait for it
+            time.sleep(5)  # one machine failed: give the other a moment to say why, then stop it
+            break
         time.sleep(0.2)
+    codes = []
     for machine, log in machines:
         if machine.poll() is None:
             os.killpg(machine.pid, signal.SIGKILL)
             machine.wait()
+            codes.append(None)
+        else:
+            codes.append(machine.returncode)
         log.close()
-    logs = [(tmp_path / f"machine{rank}.log").read_text()[-3000:] for rank in range(2)]
-    assert all(machine.returncode == 0 for machine, _ in machines), logs
+    return codes, [(logs / f"machine{rank}.log").read_text()[-3000:] for rank in range(len(cwds))]
+
+
+@pytest.mark.slow
+def test_two_machines_equal_one_process(one_process, tiny_model, corpus_file, tmp_path):
+    """The README's multi-node launch, as 2 machines x 1 process on localhost."""
+    codes, logs = launch_machines([str(PROBE), str(tiny_model), str(corpus_file), str(tmp_path / "nodes"), "4"],
+                                  [tmp_path, tmp_path], tmp_path)
+    assert codes == [0, 0], logs
     compare(one_process, tmp_path / "nodes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unshared", ["train.output_dir", "data.cache_dir"])
+def test_machines_that_see_different_folders_are_refused(tiny_model, corpus_file, tmp_path, unshared):
+    """Two "machines" started in different folders with a relative folder setting see two different folders. The
+    output folder: machine 0 resumed its checkpoint while machine 1 started afresh, and DDP averaged the gradients
+    of different weights, silently. The example cache: each machine waited for the other's shards in its own
+    folder, for 10 hours. Now the launch stops at once, saying which folder the machines do not share."""
+    homes = [tmp_path / "m0", tmp_path / "m1"]
+    for home in homes:
+        home.mkdir()
+    shared = {"train.output_dir": str(tmp_path / "out"), "data.cache_dir": str(tmp_path / "cache")}
+    shared[unshared] = "local"
+    recipe = str(Path(__file__).resolve().parents[1] / "pretrain" / "retromae_nfcorpus_small.yaml")
+    args = [f"model.name_or_path={tiny_model}", f"data.corpus=[{corpus_file}]", "data.max_len=64",
+            "train.per_device_batch_size=4", "train.max_steps=6", "train.save_steps=2", "train.logging_steps=1",
+            "train.report_to=none", *[f"{k}={v}" for k, v in shared.items()]]
+    if unshared == "train.output_dir":  # machine 0 has a checkpoint to resume, machine 1 has none
+        first = accelerate_launch(["-m", "retromae", "pretrain", recipe, *args, "train.stop_at_step=2"], cwd=homes[0])
+        assert first.returncode == 0, first.stderr[-3000:]
+        args.append("train.resume=latest")
+    codes, logs = launch_machines(["-m", "retromae", "pretrain", recipe, *args], homes, tmp_path, timeout=240)
+    assert codes[0] not in (0, None) and codes[1] not in (0, None), (codes, logs)
+    assert f"{unshared}=local" in logs[0] and "do not see the same folder" in logs[0], logs[0]
 
 
 def pretrain(tiny_model, corpus_file, out: Path, *extra: str, fault: str | None = None, popen=False):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BEIR, free_port
+from conftest import BEIR, accelerate_launch, free_port
 from retromae.data.corpus import CorpusError
 from retromae.demo import docstring_corpus, write_retrieval_task
 from retromae.retrieval.data import load_dataset, write_trec_run
@@ -180,6 +180,61 @@ def test_evaluate_suite_under_two_processes_equals_one(task, st_model, tmp_path)
 
     assert len(numbers(one)) == 6 and numbers(two) == pytest.approx(numbers(one), abs=2e-4)
     assert two.replace("0.", "").splitlines()[0] == one.replace("0.", "").splitlines()[0]
+
+
+def read_run(path: Path) -> dict[str, list[tuple[str, float]]]:
+    run: dict[str, list[tuple[str, float]]] = {}
+    for line in path.read_text().splitlines():
+        qid, _, doc, _, score, _ = line.split()
+        run.setdefault(qid, []).append((doc, float(score)))
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_evaluate_on_two_processes_ranks_as_one_process(task, st_model, tmp_path, precision):
+    """A dot-product model (unnormalised vectors), evaluated under a 2-process launch and in one process. fp32: the
+    same ranking (texts cut to 12 tokens, so no padding makes a vector depend on its batch; documents whose scores
+    differ by less than 1e-5 may trade places, as summation order differs). bf16: each vector is rounded to bf16 and
+    batches are padded differently, so scores may differ by bf16's rounding of the score (2^-8 of it) and near-tied
+    documents may trade places; the metrics stay within 0.01."""
+    args = ["evaluate", "--model", str(st_model), "--no-normalize", "--dataset", str(task), "--precision", precision,
+            "--metrics", "ndcg@10", "recall@100"]
+    if precision == "no":
+        args += ["--passage-max-len", "12", "--query-max-len", "12"]
+    done = accelerate_launch(["-m", "retromae", *args, "--run", str(tmp_path / "two.trec"), "--output",
+                              str(tmp_path / "two.json")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = subprocess.run([sys.executable, "-m", "retromae", *args, "--run", str(tmp_path / "one.trec"), "--output",
+                          str(tmp_path / "one.json")], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    runs = read_run(tmp_path / "one.trec"), read_run(tmp_path / "two.trec")
+    results = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two")]
+    assert set(runs[0]) == set(runs[1]) and results[1]["settings"]["num_processes"] == 2
+    compared = 0
+    for qid, first in runs[0].items():
+        second = runs[1][qid]
+        scores = np.array([s for _, s in first]), np.array([s for _, s in second])
+        if precision == "no":
+            np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6, atol=1e-6)
+            # the same documents in the same order, except among documents closer than 1e-5
+            gaps = np.abs(np.diff(scores[0]))
+            separated = np.ones(len(first), bool)
+            separated[1:] &= gaps > 1e-5
+            separated[:-1] &= gaps > 1e-5
+            separated[-1] = False  # the last kept: a document tied with it outside the list may take its place
+            assert [d for (d, _), ok in zip(first, separated) if ok] == [d for (d, _), ok in zip(second, separated)
+                                                                         if ok], qid
+            compared += int(separated.sum())
+        else:
+            np.testing.assert_allclose(scores[1], scores[0], rtol=2**-8, atol=0)
+    assert precision != "no" or compared > 0.6 * sum(len(r) for r in runs[0].values()), "most ranks compared"
+    for metric in ("ndcg@10", "recall@100"):
+        if precision == "no":
+            assert results[1][metric] == pytest.approx(results[0][metric], abs=1e-9)
+        else:
+            assert abs(results[1][metric] - results[0][metric]) < 0.01
 
 
 @pytest.mark.slow

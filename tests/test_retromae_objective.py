@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from retromae.masking import word_index
 from retromae.modeling import ModelConfig, load_masked_lm, load_tokenizer
 from retromae.objectives import build_objective_config, objective_class
 from retromae.objectives.retromae import decoder_visibility

@@ -197,3 +197,27 @@ def test_every_known_bad_input_gives_one_clear_line():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bad_inputs.py")], capture_output=True, text=True,
                           timeout=600)
     assert done.stdout.strip().splitlines()[-1] == "failed=0", done.stdout[-6000:] + done.stderr[-3000:]
+
+
+def test_the_main_process_chooses_the_checkpoint_and_every_process_must_read_it(tmp_path, monkeypatch):
+    """Resuming 'latest': process 0 picks the newest checkpoint and the others take its choice, not their own; a
+    process that cannot read it (a folder not shared between machines) stops the launch with a message."""
+    import retromae.distributed as distributed
+    from retromae.trainer import agree_on_checkpoint
+
+    for step in (5, 10):
+        (tmp_path / "out" / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "out" / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    main_choice = {}
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "broadcast_decision", lambda value: main_choice.setdefault("path", value))
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, True])
+    assert agree_on_checkpoint(tmp_path / "out", "latest") == tmp_path / "out" / "checkpoints" / "checkpoint-10"
+    # process 1, on a machine whose folder of the same name is empty: it takes process 0's choice and cannot read it
+    (tmp_path / "other").mkdir()
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [True, value])
+    monkeypatch.chdir(tmp_path / "other")
+    main_choice["path"] = "out/checkpoints/checkpoint-10"  # relative: another folder on this "machine"
+    with pytest.raises(ConfigError, match=r"process\(es\) \[1\] cannot read it"):
+        agree_on_checkpoint("out", "latest")

@@ -2,7 +2,6 @@
 backend, faiss indexes built the way multi-GPU faiss needs, compact training data, and MS MARCO's protocol."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +53,83 @@ def test_the_finished_index_is_cloned_once_so_a_sharded_gpu_index_works():
         shards.add(docs[:10])
 
 
+class FakeGpuFaiss:
+    """faiss with 4 "GPUs" on the CPU: the real module, plus the GPU calls DenseIndex makes, each recording the
+    device it touches (a GPU index here is a CPU index)."""
+
+    def __init__(self):
+        import faiss
+
+        self.real, self.touched = faiss, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def get_num_gpus(self):
+        return 4
+
+    def StandardGpuResources(self):  # noqa: N802 (faiss's names)
+        return object()
+
+    def GpuIndexFlatConfig(self):  # noqa: N802
+        return type("Config", (), {"device": 0, "useFloat16": False})()
+
+    def GpuIndexFlatIP(self, resources, dimension, config):  # noqa: N802
+        self.touched.append(config.device)
+        return self.real.IndexFlatIP(dimension)
+
+    def GpuClonerOptions(self):  # noqa: N802
+        return type("Options", (), {"useFloat16": False})()
+
+    def GpuMultipleClonerOptions(self):  # noqa: N802
+        return type("Options", (), {"useFloat16": False, "shard": False})()
+
+    def GpuParameterSpace(self):  # noqa: N802
+        return self.real.ParameterSpace()
+
+    def index_cpu_to_gpu(self, resources, device, index, options=None):
+        self.touched.append(device)
+        return self.real.clone_index(index)
+
+    def index_cpu_to_all_gpus(self, index, options=None):
+        self.touched.extend(range(4))
+        return self.real.clone_index(index)
+
+    def index_gpu_to_cpu(self, index):
+        return self.real.clone_index(index)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_each_process_of_a_launch_puts_its_index_on_its_own_gpu_only(monkeypatch, factory):
+    """Under a launch of 4 processes with faiss-gpu, process r touches GPU r only (before: every process cloned its
+    index onto all 4 GPUs) and keeps no CPU copy of its vectors; a process alone shards over all GPUs."""
+    import retromae.distributed
+    import retromae.retrieval.index as index_module
+
+    docs, queries = vectors(3000), vectors(20, seed=1)
+    expected = search_shard(queries, docs, 10, backend="faiss", use_gpu=False)
+    for rank in range(4):
+        fake = FakeGpuFaiss()
+        monkeypatch.setattr(index_module, "_faiss", lambda fake=fake: fake)
+        monkeypatch.setattr(retromae.distributed, "world", lambda rank=rank: (rank, 4))
+        index = DenseIndex(24, factory, device=torch.device("cuda", rank))
+        for start in range(0, 3000, 1000):  # repeated adds
+            index.add(docs[start : start + 1000])
+        scores, positions = index.search_positions(queries, 10)
+        assert fake.touched == [rank], f"process {rank} touched GPUs {fake.touched}"
+        assert index.cpu_index.ntotal == 0, "no CPU copy of the vectors is kept"
+        if factory == "Flat":
+            assert np.array_equal(positions, expected[1]) and np.allclose(scores, expected[0], atol=1e-4)
+    fake = FakeGpuFaiss()
+    monkeypatch.setattr(index_module, "_faiss", lambda: fake)
+    monkeypatch.setattr(retromae.distributed, "world", lambda: (0, 1))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = DenseIndex(24, factory, device=torch.device("cuda", 0))
+    alone.add(docs)
+    alone.search_positions(queries, 10)
+    assert sorted(fake.touched) == [0, 1, 2, 3] and alone.cpu_index.ntotal == 0
+
+
 def test_ivf_is_trained_on_a_sample_of_everything_and_searches_nprobe_lists():
     """IVF searched 1 list (faiss's default nprobe) found 0.13 of the exact top-10 on uniform data; 32 lists find
     0.82. And its training sample is drawn from all the rows added, not the first ones."""
@@ -90,6 +166,66 @@ def test_torch_search_equals_faiss_flat():
     assert np.mean([len(set(a) & set(b)) / 50 for a, b in zip(half[1], faiss_positions)]) > 0.9
     # bf16 rounding (8 bits of mantissa) of 32-dim products of ~N(0,1): relative to the score, plus a little
     np.testing.assert_allclose(half[0], faiss_scores, rtol=2 ** -7, atol=0.05)
+
+
+def dot_product_vectors(n, seed, d=768):
+    """CLS vectors of a dot-product model (RetroMAE, tau = 1): anisotropic, a shared direction of norm ~14 plus a
+    spread, so that scores are ~170-230 (fp16 steps there are 0.125 apart)."""
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(99).standard_normal(d)
+    direction /= np.linalg.norm(direction)
+    spread = np.random.default_rng(98).uniform(0.3, 1.7, d)
+    return (14 * direction + 0.25 * rng.standard_normal((n, d)) * spread).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype, margin, devices, chunk_rows", [(torch.float16, None, 2, 5000), (torch.float16, 0, 1, 30_000),
+                                                                (torch.bfloat16, None, 2, 5000)])
+def test_half_precision_torch_search_is_fp32_exact_on_dot_product_vectors(dtype, margin, devices, chunk_rows):
+    """The GPU path of the torch backend (a first pass in fp16/bf16, run here on the CPU) returns the top-k and the
+    scores of an fp32 brute force. Before, its scores were fp16-rounded: 0.125 apart at ~200, with ties and a
+    different order in most top-10 lists. margin 0 leaves the proof no room, so every query is searched again in
+    fp32 (the fallback): with the corpus in one chunk, a search without it would miss passages at the k-th rank."""
+    docs, queries = dot_product_vectors(24_000, 0), dot_product_vectors(60, 1)
+    brute = queries @ docs.T  # fp32
+    exact = queries.astype(np.float64) @ docs.astype(np.float64).T
+    assert 150 < exact.min() and exact.max() < 250, "realistic dot-product scores"
+    search = TorchExact(docs, [torch.device("cpu")] * devices, dtype=dtype, chunk_rows=chunk_rows, margin=margin)
+    for k in (10, 100):
+        scores, positions = search.search(queries, k, query_batch=25)
+        order = np.argsort(-brute, axis=1, kind="stable")[:, :k]
+        expected = np.take_along_axis(brute, order, 1)
+        tolerance = 1e-5 * float(np.abs(expected).max())  # fp32 brute forces differ by summation order (~1e-4 here)
+        np.testing.assert_allclose(scores, expected, rtol=0, atol=tolerance)
+        np.testing.assert_allclose(scores, np.take_along_axis(brute, positions, 1), rtol=0, atol=tolerance)
+        # the same passages in the same order, except where two of them are closer than fp32's own rounding
+        truth = np.take_along_axis(exact, order, 1)
+        separated = np.ones_like(truth, dtype=bool)
+        separated[:, 1:] &= np.diff(truth, axis=1) < -tolerance
+        separated[:, :-1] &= np.diff(truth, axis=1) < -tolerance
+        assert separated.mean() > 0.7, "most positions are compared"
+        assert np.array_equal(positions[separated], order[separated])
+        assert all(len(set(row)) == len(row) for row in positions), "no passage twice (fallbacks replace)"
+    if margin == 0:
+        assert search.fallbacks > 0
+
+
+def test_a_memory_mapped_shard_is_searched_in_chunks_with_query_shards_in_turn(tmp_path):
+    """The CPU exact search reads the shard a chunk at a time (no copy of it in an index) and takes the queries as
+    several memory-mapped shards without concatenating them: the same result as one Flat index over everything."""
+    from retromae.retrieval.search import search_chunked_flat
+
+    docs, queries = vectors(5000, 32), vectors(90, 32, seed=2)
+    np.save(tmp_path / "docs.npy", docs)
+    for i, part in enumerate(np.array_split(queries, 3)):
+        np.save(tmp_path / f"q{i}.npy", part)
+    index = DenseIndex(32, use_gpu=False)
+    index.add(docs)
+    whole = index.search_positions(queries, 40)
+    shard = np.load(tmp_path / "docs.npy", mmap_mode="r")
+    query_shards = [np.load(tmp_path / f"q{i}.npy", mmap_mode="r") for i in range(3)]
+    chunked = search_chunked_flat(query_shards, shard, 40, chunk_rows=700, query_batch=16)
+    assert np.array_equal(chunked[1], whole[1]) and np.allclose(chunked[0], whole[0], atol=1e-5)
+    assert np.array_equal(search_shard(query_shards, shard, 40, use_gpu=False)[1], whole[1])
 
 
 def test_merged_shards_equal_one_search():
@@ -186,6 +322,42 @@ def test_qidpidtriples_are_sampled_per_query_in_a_stream(tmp_path, monkeypatch):
     (root / "collection.tsv").write_text((root / "collection.tsv").read_text() + "100\tthe query's own id\n")
     lists = load_training_data(str(root), "msmarco", negatives=str(root / "train_negs.tsv"))
     assert lists.negatives.row(0).tolist() == [5, 6] and lists.negatives.row(1).tolist() == [2]
+
+
+SAMPLE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from retromae.finetune.data import load_training_data
+data = load_training_data(sys.argv[1], "msmarco", negatives=sys.argv[2], negatives_per_query=10)
+print("ROWS", [data.negatives.row(q).tolist() for q in range(len(data))])
+print("MAPPED", type(data.passages.index.sorted).__name__, type(data.passages.index.order).__name__)
+"""
+
+
+def test_triples_are_sampled_once_for_all_processes_and_the_id_index_is_memory_mapped(tmp_path):
+    """Two processes load the same MS MARCO training data at once: the qidpidtriples file (397M lines, ~40 minutes at
+    MS MARCO's size) is sampled by one of them while the other waits on a lock, and both read the same memory-mapped
+    result; the collection's id index is read from the collection cache, memory-mapped, not rebuilt per process."""
+    import os
+    import subprocess
+    import sys
+
+    root = msmarco_folder(tmp_path / "msmarco", passages=3000, queries=300)
+    rng = np.random.default_rng(0)
+    lines = [f"{100 + q}\t{q}\t{n}\n" for q in range(300) for n in rng.integers(0, 3000, 200)]
+    (root / "triples.tsv").write_text("".join(lines))
+    env = {**os.environ, "RETROMAE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = [subprocess.Popen([sys.executable, "-c", SAMPLE, str(root), str(root / "triples.tsv")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    assert sum(err.count("sampling 10 negatives per query") for _, err in outputs) == 1, "sampled once"
+    rows = [next(line for line in out.splitlines() if line.startswith("ROWS")) for out, _ in outputs]
+    assert rows[0] == rows[1] and "[]" not in rows[0]
+    assert all("MAPPED memmap memmap" in out for out, _ in outputs)
+    cached = sorted(p.name for p in (tmp_path / "cache" / "triples").iterdir() if not p.name.startswith("."))
+    assert len(cached) == 2 and all(name.endswith(".npy") for name in cached)
+    assert isinstance(np.load(tmp_path / "cache" / "triples" / cached[0], mmap_mode="r"), np.memmap)
 
 
 def test_mined_negatives_are_filtered_against_positives(beir_task, tmp_path):

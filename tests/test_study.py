@@ -3,12 +3,14 @@ is not run again."""
 
 import json
 
-from conftest import tiny_config
+import pytest
+
+from conftest import accelerate_launch, tiny_config
 
 
-def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task, tmp_path):
+def write_study(tiny_model, corpus_file, beir_task, tmp_path, **extra):
+    """A two-arm study of the tiny model (its recipes written under tmp_path); the study file's path."""
     from retromae.config import dump_yaml
-    from retromae.study import load_study, run_study
 
     pretrain = tmp_path / "pretrain.yaml"
     dump_yaml(tiny_config(tiny_model, corpus_file, tmp_path / "unused", train={"max_steps": 1}), pretrain)
@@ -26,7 +28,15 @@ def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task,
         "name": "tiny", "output_dir": str(tmp_path / "out"), "model": str(tiny_model), "seeds": [1],
         "pretrain": str(pretrain), "budget_tokens": 8 * 64 * 2, "finetune": str(finetune), "suite": str(suite),
         "arms": [{"name": "control", "objective": None, "seeds": [1, 2]}, {"name": "retromae",
-                                                                           "objective": {"name": "retromae"}}]}))
+                                                                           "objective": {"name": "retromae"}}],
+        **extra}))
+    return study
+
+
+def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task, tmp_path):
+    from retromae.study import load_study, run_study
+
+    study = write_study(tiny_model, corpus_file, beir_task, tmp_path)
     cfg = load_study(str(study))
     report = run_study(cfg)
     out = tmp_path / "out"
@@ -57,3 +67,27 @@ def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task,
     assert {p: t for p, t in after.items() if "retromae" not in str(p)} == {
         p: t for p, t in before.items() if "retromae" not in str(p)}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == models, "nothing trained again"
+
+
+@pytest.mark.slow
+def test_a_study_under_a_two_process_launch_keeps_its_bm25_row(tiny_model, corpus_file, beir_task, tmp_path):
+    """Under `accelerate launch`, the processes other than the main one used to write baselines.json first (BM25 runs
+    on the main process only, so theirs had an empty BM25 entry), and the main process then skipped BM25: the table
+    said `BM25 | –`. Every process also wrote the reports and printed a table. Now the main process decides and
+    writes, and the table is printed once."""
+    study = write_study(tiny_model, corpus_file, beir_task, tmp_path, seeds=[1], mine=str(beir_task),
+                        arms=[{"name": "control", "objective": None}, {"name": "retromae", "objective":
+                                                                        {"name": "retromae"}}])
+    done = accelerate_launch(["-m", "retromae", "study", str(study)], cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    out = tmp_path / "out"
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert baselines["bm25"] and baselines["initial"], baselines
+    table = (out / "study.md").read_text()
+    bm25 = next(line for line in table.splitlines() if line.startswith("| BM25"))
+    assert "–" not in bm25, table
+    assert done.stdout.count("### tiny: ndcg@10") == 1, "the table is printed once, by the main process"
+    for arm in ("control", "retromae"):
+        record = json.loads((out / arm / "seed1" / "results.json").read_text())
+        assert record["rows"], f"{arm}: the main process's results, with its rows"
+    assert not list(out.rglob("*.tmp*")), "nothing half-written"

@@ -12,8 +12,12 @@ objectives that weigh words by their corpus statistics).
 Who builds it: `retromae prepare` (with `data.num_proc` processes), or `retromae pretrain` itself when the cache
 is missing, every training process taking its share of the shards (shard i goes to process i mod N) with
 `data.num_proc` workers each. A process that has finished waits for the others by watching the cache folder,
-not in a collective, so no process group's watchdog can time out during a long preparation; a failure in one
-process is written beside the shards and stops the others with the same message.
+not in a collective, so no process group's watchdog can time out during a long preparation. Any failure in one
+process (bad input, any exception, a worker killed by the system, e.g. for lack of memory) is written beside the
+shards and stops the others with the same message; a process that dies without a word is noticed when no shard has
+appeared for `train.timeout_minutes`. At the start, if the cache is not complete everywhere, every process checks
+that it sees the same cache folder as the main process (machines that do not share it would each wait for the
+others' shards in their own folder).
 
 Written by hand rather than with `datasets.Dataset.map(num_proc=...)`: local files are read line by line so that
 bad input is reported with its file and line, packing must carry a document across rows, and preparation must
@@ -189,19 +193,41 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+def _fault_point(shard: Shard) -> None:
+    """Fault injection for tests: RETROMAE_FAULT=prepare-kill:N kills the worker building shard N with SIGKILL (as
+    the OOM killer would); prepare-raise:N makes it raise an unexpected exception."""
+    fault = os.environ.get("RETROMAE_FAULT", "")
+    if fault == f"prepare-kill:{shard.index}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == f"prepare-raise:{shard.index}":
+        raise RuntimeError(f"injected failure while building shard {shard.index}")
+
+
 def _build_one(job) -> dict:
     shard, cfg, tokenizer, folder = job
     try:
+        _fault_point(shard)
         return build_shard(shard, cfg, tokenizer, folder)
-    except (CorpusError, ConfigError) as err:
+    except Exception as err:  # noqa: BLE001 (any failure must reach the parent, and through it the other processes)
         return {"shard": shard.index, "error": f"{type(err).__name__}: {err}"}
 
 
 def prepare_store(cfg: DataConfig, tokenizer, num_proc: int | None = None, rank: int = 0, world: int = 1,
-                  wait_minutes: float = 600.0):
+                  wait_minutes: float | None = None):
     """Build the example cache if it is missing (this process's share of the shards, see the module docstring)
-    and open it. Returns the memory-mapped `datasets.Dataset`."""
+    and open it. Returns the memory-mapped `datasets.Dataset`. `wait_minutes`: how long a process waits while no
+    shard appears (default: the launch's timeout, train.timeout_minutes)."""
+    from retromae.distributed import timeout_minutes
+
     folder = cache_folder(cfg, tokenizer)
+    wait_minutes = wait_minutes or timeout_minutes()
+    if rank == 0 and folder.is_dir() and not (folder / "meta.json").is_file():
+        for stale in [*folder.glob("*.failed"), *folder.glob(".shard-*.tmp")]:  # what an earlier attempt left
+            stale.unlink(missing_ok=True)
+    if world > 1:
+        _check_shared(folder)  # a collective: the others start after process 0 has cleaned up
     if not (folder / "meta.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -219,67 +245,99 @@ def prepare_store(cfg: DataConfig, tokenizer, num_proc: int | None = None, rank:
     return open_store(folder)
 
 
+def _check_shared(folder: Path) -> None:
+    """Under a launch: unless every process finds the cache complete, all must see the same cache folder."""
+    from retromae.distributed import gather_objects, world
+
+    if world()[1] == 1:
+        return
+    if not all(gather_objects((folder / "meta.json").is_file())):
+        from retromae.runs import check_same_folder
+
+        check_same_folder(folder, "data.cache_dir")
+
+
 def _done(folder: Path, shard: Shard) -> bool:
     return (folder / f"shard-{shard.index:05d}.arrow").is_file()
 
 
 def _run(shards: list[Shard], cfg: DataConfig, tokenizer, folder: Path, num_proc: int) -> None:
+    """Build `shards` with `num_proc` worker processes. A pool of processes whose results come back as futures:
+    when a worker dies (SIGKILL, the OOM killer) the pool breaks and says so, where multiprocessing.Pool would wait
+    for the lost result forever."""
     jobs = [(s, cfg, tokenizer, folder) for s in shards]
     if num_proc > 1 and len(jobs) > 1:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
-        with multiprocessing.get_context("fork").Pool(min(num_proc, len(jobs)), initializer=_worker_init) as pool:
-            results = pool.imap_unordered(_build_one, jobs)
-            _check(results, folder)
+        pool = ProcessPoolExecutor(min(num_proc, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init)
+        try:
+            futures = [pool.submit(_build_one, job) for job in jobs]
+            _check((f.result() for f in as_completed(futures)), folder, len(jobs))
+        except BrokenProcessPool:
+            _fail(folder, "ConfigError: data preparation: a worker process died while tokenizing the corpus "
+                  "(killed by the system, most often for lack of memory: lower data.num_proc)")
+        finally:  # on a failure, the shards not started are dropped (the workers finish the one they are on)
+            pool.shutdown(wait=False, cancel_futures=True)
     else:
-        _check(map(_build_one, jobs), folder)
+        _check(map(_build_one, jobs), folder, len(jobs))
 
 
-def _check(results, folder: Path) -> None:
+def _check(results, folder: Path, total: int) -> None:
     from tqdm.auto import tqdm
 
-    for result in tqdm(results, desc="prepare shards", unit="shard", disable=None):
+    for result in tqdm(results, total=total, desc="prepare shards", unit="shard", disable=None):
         if "error" in result:
-            # left for the other processes of the launch, which stop with the same message
-            atomic_write_text(folder / f"shard-{result['shard']:05d}.failed", result["error"])
-            kind, _, message = result["error"].partition(": ")
-            raise (CorpusError if kind == "CorpusError" else ConfigError)(message)
+            _fail(folder, result["error"], result["shard"])
+
+
+def _fail(folder: Path, error: str, shard: int | None = None) -> None:
+    """Leave `error` ("Kind: message") beside the shards, for the other processes of the launch, which stop with the
+    same message; then stop this one with it."""
+    name = f"shard-{shard:05d}.failed" if shard is not None else f"worker-{os.getpid()}.failed"
+    atomic_write_text(folder / name, error)
+    _raise_failure(folder, error)
 
 
 def _failure(folder: Path) -> str | None:
-    failed = sorted(folder.glob("shard-*.failed"))
+    failed = sorted(folder.glob("*.failed"))
     return failed[0].read_text(encoding="utf-8") if failed else None
 
 
 def _wait_for_shards(folder: Path, shards: list[Shard], minutes: float) -> None:
-    deadline = time.monotonic() + minutes * 60
-    while True:
-        missing = [s.index for s in shards if not _done(folder, s)]
-        if not missing:
-            return
-        _raise_failure(folder)
-        if time.monotonic() > deadline:
-            raise ConfigError(f"{folder}: waited {minutes:.0f} min for shard(s) {missing[:5]} from the other "
-                              "processes; is data.cache_dir on a filesystem that every process sees? (else run "
-                              "`retromae prepare` on each machine first)")
-        time.sleep(1.0)
+    _wait(folder, lambda: not [s for s in shards if not _done(folder, s)], minutes,
+          lambda: f"shard(s) {[s.index for s in shards if not _done(folder, s)][:5]} from the other processes")
 
 
 def _wait_for(path: Path, folder: Path, minutes: float) -> None:
-    deadline = time.monotonic() + minutes * 60
-    while not path.is_file():
+    _wait(folder, path.is_file, minutes, lambda: f"{path.name} from process 0")
+
+
+def _wait(folder: Path, finished, minutes: float, what) -> None:
+    """Watch the folder until `finished()`, a failure marker appears (raised), or no shard has been added for
+    `minutes` (a process died without a word, or the folder is not shared)."""
+    last_count, last_progress = -1, time.monotonic()
+    while not finished():
         _raise_failure(folder)
-        if time.monotonic() > deadline:
-            raise ConfigError(f"{path}: not written after {minutes:.0f} min; is data.cache_dir on a filesystem that "
-                              "every process sees?")
+        count = len(list(folder.glob("shard-*.arrow")))
+        if count != last_count:
+            last_count, last_progress = count, time.monotonic()
+        elif time.monotonic() - last_progress > minutes * 60:
+            raise ConfigError(f"{folder}: no new shard for {minutes:g} min while waiting for {what()}: a process of "
+                              "the launch may have died (see its log); is data.cache_dir on a filesystem every "
+                              "process sees? (else run `retromae prepare` on each machine first)")
         time.sleep(1.0)
 
 
-def _raise_failure(folder: Path) -> None:
-    failure = _failure(folder)
+def _raise_failure(folder: Path, failure: str | None = None) -> None:
+    failure = failure or _failure(folder)
     if failure:
         kind, _, message = failure.partition(": ")
-        raise (CorpusError if kind == "CorpusError" else ConfigError)(message)
+        if kind == "CorpusError":
+            raise CorpusError(message)
+        raise ConfigError(message if kind == "ConfigError" else f"data preparation failed: {failure}")
 
 
 def _finish(folder: Path, shards: list[Shard], cfg: DataConfig, tokenizer, seconds: float) -> None:

@@ -16,6 +16,7 @@ slots are padding, masked out of the loss).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -282,15 +283,31 @@ def sample_triples(path: str, index: dict[str, int], corpus: Collection, per_que
     file, in one pass, a block of lines at a time: each (query, negative) pair gets a seeded hash key and each
     query keeps the pairs with the smallest keys (bottom-k sampling), so memory is bounded by queries x per_query
     plus one block, whatever the file's size (397M lines for MS MARCO). A query's positives (`positives`, by query
-    index) are never kept. Cached beside the collection."""
+    index) are never kept. Cached beside the collection, as memory-mapped arrays (shared by the processes). Under a
+    launch one process samples (~40 minutes for MS MARCO's file) while the others wait on a file lock, not in a
+    collective, and then read its result."""
     p = Path(path)
     key = hashlib.sha256(json.dumps([str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, per_query, seed,
-                                     len(corpus), len(index), 2]).encode()).hexdigest()[:24]
-    cached = cache_root() / "triples" / f"{key}.npz"
-    if cached.is_file():
-        saved = np.load(cached)
-        ragged = Ragged(saved["offsets"], saved["values"])
-        return [ragged.row(i) for i in range(len(ragged))]
+                                     len(corpus), len(index), 3]).encode()).hexdigest()[:24]
+    folder = cache_root() / "triples"
+    folder.mkdir(parents=True, exist_ok=True)
+    offsets_file, values_file = folder / f"{key}.offsets.npy", folder / f"{key}.values.npy"
+    if not offsets_file.is_file():
+        with open(folder / f".{key}.lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # one process samples; the others wait here, then read it
+            if not offsets_file.is_file():
+                logger.info("sampling %d negatives per query from %s (once: cached in %s)", per_query, path, folder)
+                ragged = _sample_triples(path, index, corpus, per_query, seed, positives, block)
+                for name, array in ((values_file, ragged.values), (offsets_file, ragged.offsets)):  # offsets last
+                    tmp = name.with_name(f".{name.name}.{os.getpid()}.tmp.npy")
+                    np.save(tmp, array)
+                    os.replace(tmp, name)
+    ragged = Ragged(np.load(offsets_file, mmap_mode="r"), np.load(values_file, mmap_mode="r"))
+    return [ragged.row(i) for i in range(len(ragged))]
+
+
+def _sample_triples(path: str, index: dict[str, int], corpus: Collection, per_query: int, seed: int,
+                    positives: list, block: int) -> Ragged:
     kept_q, kept_n, kept_k = (np.zeros(0, np.int64),) * 3
     queries, negatives = [], []
     width = np.int64(len(corpus) + 1)
@@ -331,12 +348,7 @@ def sample_triples(path: str, index: dict[str, int], corpus: Collection, per_que
             queries, negatives = [], []
     fold(queries, negatives)
     counts = np.bincount(kept_q, minlength=len(index))
-    ragged = Ragged(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), kept_n)  # kept_q is sorted
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.npz")
-    np.savez(tmp, offsets=ragged.offsets, values=ragged.values)
-    os.replace(tmp, cached)
-    return [ragged.row(i) for i in range(len(ragged))]
+    return Ragged(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), kept_n)  # kept_q is sorted
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

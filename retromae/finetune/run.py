@@ -179,7 +179,8 @@ class DevSelector:
         bi_encoder.eval()
         try:
             loss = self.cfg.loss
-            search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator)
+            search = SearchConfig(metrics=[self.cfg.dev.metric], title_separator=self.cfg.data.title_separator,
+                                  work_dir=self.cfg.train.output_dir)  # scratch shards under the run's folder
             if loss.representation == "dupmae":
                 result = self._score_dupmae(bi_encoder, device, search)
             elif loss.representation == "splade":
@@ -247,7 +248,7 @@ def preflight(cfg: FinetuneConfig) -> None:
         if path and not Path(path).exists():
             raise CorpusError(f"data.{key}: " + not_found(path))
     if cfg.dev.dataset and not Path(cfg.dev.dataset).is_dir():
-        raise CorpusError(f"dev.dataset: " + not_found(cfg.dev.dataset, "folder"))
+        raise CorpusError("dev.dataset: " + not_found(cfg.dev.dataset, "folder"))
 
 
 def run(cfg: FinetuneConfig) -> dict:

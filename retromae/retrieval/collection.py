@@ -3,9 +3,11 @@ titles, texts) read once from `corpus.jsonl` (BEIR) or `collection.tsv` (+ `para
 with ids looked up through a sorted array, not a dictionary of Python strings.
 
 At MS MARCO's size a dict of {id: {"title", "text"}} costs ~6 GB per process, and every process of a launch held
-one; here each process maps the same file (the operating system shares its pages) and holds ~130 MB of sorted ids.
-The table is built once per collection, under a file lock (the processes of a launch wait on the lock, not in a
-collective), in `$RETROMAE_CACHE` (default: the datasets cache). Bad input is still reported by file and line.
+one; here each process maps the same file (the operating system shares its pages). The id index (~130 MB of sorted
+ids and their positions) is written with the table and memory-mapped too: built in each process, it cost every
+process its 130 MB and, while it was built, a Python list of 8.8M strings (~600 MB). The table is built once per
+collection, under a file lock (the processes of a launch wait on the lock, not in a collective), in
+`$RETROMAE_CACHE` (default: the datasets cache). Bad input is still reported by file and line.
 """
 
 from __future__ import annotations
@@ -35,10 +37,25 @@ class IdIndex:
     """Positions of string ids, by binary search in a sorted fixed-width byte array (~(longest id + 8) bytes per id,
     against ~150 for a dict entry)."""
 
-    def __init__(self, ids: Sequence[str]):
+    def __init__(self, ids: Sequence[str] = ()):
         encoded = np.array([i.encode("utf-8") for i in ids], dtype=bytes) if len(ids) else np.zeros(0, "S1")
         self.order = np.argsort(encoded, kind="stable")
         self.sorted = encoded[self.order]
+
+    def save(self, folder: Path) -> None:
+        """ids.sorted.npy and ids.order.npy in `folder` (each written under a temporary name, then renamed)."""
+        for name, array in (("ids.sorted.npy", self.sorted), ("ids.order.npy", self.order)):
+            tmp = folder / f".{name}.{os.getpid()}.tmp.npy"
+            np.save(tmp, array)
+            os.replace(tmp, folder / name)
+
+    @classmethod
+    def load(cls, folder: Path) -> "IdIndex":
+        """The saved index, memory-mapped: its pages are shared by every process that maps it."""
+        index = cls()
+        index.sorted = np.load(folder / "ids.sorted.npy", mmap_mode="r")
+        index.order = np.load(folder / "ids.order.npy", mmap_mode="r")
+        return index
 
     def duplicates(self) -> list[int]:
         """Positions of ids that appeared before (in the original order)."""
@@ -90,10 +107,11 @@ def _join(title: str, text: str, separator: str) -> str:
 class Collection:
     """ids, titles and texts of a corpus, memory-mapped (see the module docstring)."""
 
-    def __init__(self, table, sources: dict[str, str], key: str | None = None):
+    def __init__(self, table, sources: dict[str, str], key: str | None = None, index_folder: Path | None = None):
         self.table, self.sources, self.key = table, sources, key
         self.ids = table.column("id").to_pylist() if len(table) < 200_000 else _LazyIds(table)
         self._index = None
+        self.index_folder = index_folder  # where the table's saved id index is (None: build it when needed)
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -101,7 +119,10 @@ class Collection:
     @property
     def index(self) -> IdIndex:
         if self._index is None:
-            self._index = IdIndex(self.table.column("id").to_pylist())
+            if self.index_folder is not None and (self.index_folder / "ids.order.npy").is_file():
+                self._index = IdIndex.load(self.index_folder)
+            else:
+                self._index = IdIndex(self.table.column("id").to_pylist())
         return self._index
 
     def positions(self, ids: Sequence[str]) -> np.ndarray:
@@ -141,7 +162,7 @@ class _LazyIds(Sequence):
 
 
 def _fingerprint(paths: list[Path], kind: str) -> str:
-    key = [kind, 2] + [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
+    key = [kind, 3] + [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
@@ -161,7 +182,7 @@ def load_collection(path: str | Path, kind: str = "beir") -> Collection:
     import pyarrow as pa
 
     table = pa.ipc.open_file(pa.memory_map(str(table_file), "r")).read_all()
-    return Collection(table, {"corpus": str(path)}, key=folder.name)
+    return Collection(table, {"corpus": str(path)}, key=folder.name, index_folder=folder)
 
 
 def _rows(path: Path, kind: str) -> Iterator[tuple[int, str, str, str]]:
@@ -236,7 +257,8 @@ def _build(path: Path, kind: str, folder: Path) -> None:
                     batch = {k: [] for k in batch}
             if batch["id"]:
                 writer.write_batch(pa.record_batch(list(batch.values()), schema=schema))
-        duplicates = IdIndex(ids).duplicates()
+        index = IdIndex(ids)
+        duplicates = index.duplicates()
         if duplicates:
             second = duplicates[0]
             first = ids.index(ids[second])
@@ -244,6 +266,7 @@ def _build(path: Path, kind: str, folder: Path) -> None:
                               f"{lines[first]})")
         from retromae.io import follow_umask
 
+        index.save(folder)  # before the table: its presence says the folder is complete
         follow_umask(tmp)
         os.replace(tmp, folder / "collection.arrow")
     finally:

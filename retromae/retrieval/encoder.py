@@ -283,7 +283,7 @@ def shard_range(n: int, process_index: int, num_processes: int) -> tuple[int, in
 
 
 def encode_shard(encoder: TextEncoder, ids: list[str], texts: list[str], out_dir: str | Path, process_index: int = 0,
-                 num_processes: int = 1, kind: str = "passage", show_progress: bool = True) -> Path:
+                 num_processes: int = 1, kind: str = "passage", show_progress: bool = True, dtype=np.float32) -> Path:
     """Encode this process's contiguous share of `texts` into a memory-mapped .npy shard (written under a
     temporary name, then renamed) with its ids beside it. The shards of all processes, in order, are the
     embeddings of the whole corpus."""
@@ -292,7 +292,9 @@ def encode_shard(encoder: TextEncoder, ids: list[str], texts: list[str], out_dir
     lo, hi = shard_range(len(texts), process_index, num_processes)
     stem = f"shard-{process_index:05d}-of-{num_processes:05d}"
     tmp = out_dir / f".{stem}.tmp.npy"
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(hi - lo, encoder.dimension))
+    from retromae.retrieval.scratch import allocate_array
+
+    array = allocate_array(tmp, (hi - lo, encoder.dimension), dtype)  # blocks allocated: a full disk is an error
     encoder.encode(Window(texts, lo, hi), kind, show_progress=show_progress, out=array)
     array.flush()
     del array

@@ -1,5 +1,13 @@
-"""FAISS indexes: exact inner product by default, any factory string on request, on all GPUs when faiss has
-GPU support (sharded, fp16), with the document ids kept beside the index."""
+"""FAISS indexes: exact inner product by default, any factory string on request, on GPUs when faiss has GPU support
+(fp16 storage), with the document ids kept beside the index.
+
+Which GPUs: under a launch (several processes) each process uses its own GPU only, the one accelerate gave it. Cloning
+every process's index onto every GPU (`index_cpu_to_all_gpus`) would make 8 processes create 64 GPU resource objects
+(up to 1.5 GiB of scratch each) and 8 CUDA contexts per GPU. A process alone on a machine shards its index over all
+the GPUs. The CPU copy of the vectors is not kept once they are on a GPU (3.4 GB per process at MS MARCO's size): a
+Flat index is built on its GPU directly (a single-GPU Flat index takes repeated adds), other indexes are trained and
+filled on the CPU, cloned, and the CPU copy emptied (its trained structure stays, for nprobe and saving).
+"""
 
 from __future__ import annotations
 
@@ -29,20 +37,39 @@ def faiss_gpus() -> int:
     return faiss.get_num_gpus()
 
 
+def gpu_wanted(use_gpu) -> bool:
+    """Whether an index with this `use_gpu` setting ("auto", True, False) goes to GPUs."""
+    return bool(faiss_gpus()) if use_gpu == "auto" else bool(use_gpu)
+
+
+def own_gpu(device=None) -> int | None:
+    """The one GPU this process may use under a launch (its device's index, else LOCAL_RANK), or None when the
+    process is alone and may use them all."""
+    import os
+
+    from retromae.distributed import world
+
+    if world()[1] == 1 and os.environ.get("LOCAL_WORLD_SIZE", "1") == "1":
+        return None
+    index = getattr(device, "index", None) if device is not None and str(device).startswith("cuda") else None
+    return int(index if index is not None else os.environ.get("LOCAL_RANK", 0))
+
+
 class DenseIndex:
     """Vectors (with string ids, or just positions), searched by inner product.
 
     factory: a faiss index factory string ("Flat" = exact `IndexFlatIP`; "IVF4096,Flat", "HNSW32", "IVF4096,PQ64"
-    ... for approximate search). Vectors are added to a CPU index; an index that needs training (IVF, PQ) is
-    trained, at the first search, on a seeded random sample of everything added (not on the first rows, which
-    may all come from one part of the corpus); IVF searches `nprobe` lists. use_gpu: "auto" clones the finished
-    index, once, to all GPUs (sharded, fp16 storage) when faiss has GPU support: adding to the clone is what breaks
-    (faiss's sharded multi-GPU Flat accepts a single add). HNSW stays on the CPU (faiss has no GPU HNSW).
-    `cloner` (tests) replaces faiss's multi-GPU cloner.
+    ... for approximate search). Vectors are queued by reference and the index is built at the first search; an
+    index that needs training (IVF, PQ) is trained on a seeded random sample of everything added (not on the first
+    rows, which may all come from one part of the corpus); IVF searches `nprobe` lists. use_gpu: "auto" puts the
+    index on GPUs when faiss has GPU support (see the module docstring for which): a process alone clones the
+    finished index, once, to all GPUs (sharded, fp16 storage: faiss's sharded multi-GPU Flat accepts a single add);
+    a process of a launch uses the GPU of `device` (or LOCAL_RANK) only. HNSW stays on the CPU (faiss has no GPU
+    HNSW). `cloner` (tests) replaces faiss's multi-GPU cloner.
     """
 
     def __init__(self, dimension: int, factory: str = "Flat", use_gpu: str | bool = "auto", fp16: bool = True,
-                 nprobe: int = 32, seed: int = 0, cloner=None):
+                 nprobe: int = 32, seed: int = 0, cloner=None, device=None):
         faiss = _faiss()
 
         self.dimension, self.factory, self.fp16, self.nprobe, self.seed = dimension, factory, fp16, nprobe, seed
@@ -58,6 +85,8 @@ class DenseIndex:
             logger.info("index %s: faiss has no GPU HNSW; it stays on the CPU", factory)
             self.on_gpu = False
         self.cloner = cloner
+        self.gpu = own_gpu(device) if self.on_gpu else None  # None: all GPUs
+        self.gpu_resources = None
         self.index = None
 
     def add(self, vectors: np.ndarray, ids: list[str] | None = None) -> None:
@@ -74,24 +103,51 @@ class DenseIndex:
         self.size += len(vectors)
 
     def _build(self):
-        """Train on a sample of everything added, add it all to the CPU index, then clone to GPUs once."""
-        faiss = _faiss()
+        """Train on a sample of everything added and fill the index: a Flat index for one GPU directly on it, any
+        other on the CPU, then cloned to the GPU(s) once and the CPU copy emptied."""
+        if self.on_gpu and self.gpu is not None and self.factory == "Flat" and self.cpu_index.ntotal == 0:
+            self.index = self._fill(self._own_gpu_flat())
+            self.pending = []
+            return
         if not self.cpu_index.is_trained:
             self._check_trainable(self.size)
             self.cpu_index.train(self._sample())
-        for vectors in self.pending:
-            for start in range(0, len(vectors), 262144):
-                self.cpu_index.add(np.ascontiguousarray(vectors[start : start + 262144], dtype=np.float32))
+        self._fill(self.cpu_index)
         self.pending = []
         index = self.cpu_index
         if self.on_gpu:
-            options = None
-            if hasattr(faiss, "GpuMultipleClonerOptions"):
-                options = faiss.GpuMultipleClonerOptions()
-                options.shard, options.useFloat16 = True, self.fp16
-            index = (self.cloner or faiss.index_cpu_to_all_gpus)(self.cpu_index, options)
+            index = self._clone_to_gpus()
+            self.cpu_index.reset()  # the vectors live on the GPU(s) now; the trained structure stays
         self._set_nprobe(index)
         self.index = index
+
+    def _fill(self, index):
+        from retromae.retrieval.search import read_rows
+
+        for vectors in self.pending:
+            for start in range(0, len(vectors), 262144):
+                index.add(read_rows(vectors, start, start + 262144))
+        return index
+
+    def _own_gpu_flat(self):
+        faiss = _faiss()
+        self.gpu_resources = faiss.StandardGpuResources()
+        config = faiss.GpuIndexFlatConfig()
+        config.device, config.useFloat16 = self.gpu, self.fp16
+        return faiss.GpuIndexFlatIP(self.gpu_resources, self.dimension, config)
+
+    def _clone_to_gpus(self):
+        faiss = _faiss()
+        if self.gpu is not None:  # one process of a launch: its own GPU
+            self.gpu_resources = faiss.StandardGpuResources()
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = self.fp16
+            return faiss.index_cpu_to_gpu(self.gpu_resources, self.gpu, self.cpu_index, options)
+        options = None
+        if hasattr(faiss, "GpuMultipleClonerOptions"):
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard, options.useFloat16 = True, self.fp16
+        return (self.cloner or faiss.index_cpu_to_all_gpus)(self.cpu_index, options)
 
     def _sample(self) -> np.ndarray:
         """A seeded random sample of the added vectors, enough for the index's training (faiss uses 256 per
@@ -142,13 +198,16 @@ class DenseIndex:
     def __len__(self) -> int:
         return self.size
 
-    def search_positions(self, queries: np.ndarray, k: int, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k'), positions (Q, k')) with k' = min(k, size); rows sorted by score, best first."""
+    def search_positions(self, queries, k: int, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k'), positions (Q, k')) with k' = min(k, size); rows sorted by score, best first. `queries`:
+        an array, or a list of arrays (memory-mapped shards) searched in turn."""
+        from retromae.retrieval.search import query_blocks
+
         k = min(k, self.size)
         index = self._live()
         all_scores, all_positions = [], []
-        for start in range(0, len(queries), batch):
-            scores, positions = index.search(np.ascontiguousarray(queries[start : start + batch], dtype=np.float32), k)
+        for block in query_blocks(queries, batch):
+            scores, positions = index.search(block, k)
             all_scores.append(scores)
             all_positions.append(positions)
         scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), np.float32)
@@ -163,7 +222,7 @@ class DenseIndex:
 
     def save(self, folder: str | Path) -> None:
         """index.faiss (a CPU index) and ids.txt, written atomically."""
-        import faiss
+        faiss = _faiss()
 
         self._live()
         cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.cpu_index
