@@ -149,6 +149,25 @@ def _encode_config(args, base=None):
     return replace(base or EncodeConfig(), **given)
 
 
+def _check_model(model: str, encode, suite: str | None = None, args=None) -> None:
+    """Before any data is read: the model folder has a tokenizer, and the lengths asked for (on the command line,
+    or by the suite's encode section) fit its positions."""
+    from retromae.inputs import check_lengths, check_tokenizer_files, model_position_limit
+    from retromae.retrieval.bm25 import is_bm25
+
+    if is_bm25(model):
+        return
+    check_tokenizer_files(model, "--model")
+
+    def key(field: str) -> str:
+        given = args is None or suite is None or getattr(args, field) is not None
+        return f"--{field.replace('_', '-')}" if given else f"{suite}: encode.{field}"
+
+    asked = {key("query_max_len"): encode.query_max_len, key("passage_max_len"): encode.passage_max_len}
+    if any(v is not None for v in asked.values()):
+        check_lengths(asked, model_position_limit(model, what="--model"), model)
+
+
 _SEARCH_OPTIONS = {"depth": "depth", "index": "index", "gpu_index": "use_gpu", "representation": "representation",
                    "hybrid_search": "hybrid_search", "candidate_pool": "candidate_pool", "metrics": "metrics",
                    "title_separator": "title_separator"}
@@ -171,6 +190,7 @@ def _evaluate(args) -> None:
         suite = load_suite(args.suite)
         suite.search = replace(suite.search, **search_overrides)
         suite.encode = _encode_config(args, suite.encode)
+        _check_model(args.model, suite.encode, args.suite, args)
         if args.data_root:
             suite.data_root = args.data_root
         if args.split:
@@ -182,6 +202,7 @@ def _evaluate(args) -> None:
             print("\n" + table)
         return
     search = SearchConfig(**search_overrides)
+    _check_model(args.model, _encode_config(args))
     result = evaluate_model(args.model, args.dataset, args.split, _encode_config(args), search, args.run, args.output)
     if result is not None and search.layers:
         from retromae.retrieval.evaluate import matryoshka_table
@@ -216,6 +237,7 @@ def _encode(args) -> None:
     from retromae.retrieval.collection import load_collection
     from retromae.retrieval.encoder import TextEncoder, encode_shard
 
+    _check_model(args.model, _encode_config(args))
     state = process_state()
     path = Path(args.corpus)
     if path.is_dir():
@@ -266,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "mine":
             from retromae.finetune.mine import MineConfig, mine_negatives
 
+            _check_model(args.model, _encode_config(args))
             summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
                                      MineConfig(args.depth, args.skip_top, args.index, args.title_separator))
             if summary:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from retromae.config import ConfigError, apply_overrides, build, load_yaml, to_dict
 from retromae.data.batches import StoreBatches
-from retromae.data.corpus import check_sources
+from retromae.data.corpus import check_sources, sample_texts
 from retromae.data.examples import DataConfig
 from retromae.data.store import cache_folder, corpus_statistics, prepare_store
 from retromae.data.stream import StreamBatches
 from retromae.export import export_model, load_heads_if_present
+from retromae.inputs import SAMPLE_TEXTS, check_lengths, check_tokenizer_files, model_position_limit, warn_if_unreadable
 from retromae.modeling import (
     ModelConfig,
     check_model_source,
@@ -93,8 +94,9 @@ def attach_statistics(objective, cfg: PretrainConfig, tokenizer) -> None:
 
 def prepare(cfg: PretrainConfig) -> dict:
     """`retromae prepare`: build the example cache with data.num_proc processes; returns its summary."""
-    check_sources(list(cfg.data.corpus), cfg.data.format)
+    preflight(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    check_corpus_is_readable(cfg.data, tokenizer)
     store = prepare_store(cfg.data, tokenizer, num_proc=cfg.data.num_proc)
     folder = cache_folder(cfg.data, tokenizer)
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -122,7 +124,21 @@ def preflight(cfg: PretrainConfig) -> None:
     check_model_source(cfg.model.name_or_path)
     if cfg.model.tokenizer:
         check_model_source(cfg.model.tokenizer, "model.tokenizer")
-    check_sources(list(cfg.data.corpus), cfg.data.format)
+    check_tokenizer_files(cfg.model.tokenizer or cfg.model.name_or_path,
+                          "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    check_sources(list(cfg.data.corpus), cfg.data.format, cfg.data.text_fields(), cfg.data.hf_config,
+                  cfg.data.hf_split)
+    if cfg.data.cut != "document":  # whole documents are cut into spans by the objective, which checks those
+        limit = model_position_limit(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        check_lengths({"data.max_len": cfg.data.max_len}, limit, cfg.model.name_or_path)
+
+
+def check_corpus_is_readable(data: DataConfig, tokenizer) -> None:
+    """Warn when the tokenizer turns much of the corpus into [UNK] (a sample of each source's first texts)."""
+    per_source = max(1, SAMPLE_TEXTS // max(1, len(data.corpus)))
+    for source, texts in sample_texts(list(data.corpus), data.format, data.text_fields(), per_source, data.hf_config,
+                                      data.hf_split):
+        warn_if_unreadable(tokenizer, texts, source)
 
 
 def run(cfg: PretrainConfig) -> dict:
@@ -133,6 +149,8 @@ def run(cfg: PretrainConfig) -> dict:
     with claim_output_dir(cfg.train, to_dict(cfg), accelerator):
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
+        if accelerator.is_main_process:
+            check_corpus_is_readable(cfg.data, tokenizer)
         batches = build_batches(cfg, tokenizer, accelerator)
         objective, tokenizer = build_objective(cfg, tokenizer)
         attach_statistics(objective, cfg, tokenizer)

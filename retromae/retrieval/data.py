@@ -101,6 +101,12 @@ def build_qrels(rows, path: Path, corpus: Collection, queries: dict) -> dict[str
         raise CorpusError(f"{path}: no judgements, so there is no query to evaluate")
     judged = [(qid, doc) for qid, docs in qrels.items() for doc in docs]
     missing = int((corpus.positions([d for _, d in judged]) < 0).sum())
+    if missing == len(judged):
+        # not ArguAna's few strays: these judgements are for another corpus (or name its documents otherwise)
+        number, _, doc_id, _ = next(iter(rows))
+        raise CorpusError(f"{path}:{number}: none of the {len(judged)} judgements names a document of the corpus "
+                          f"(e.g. {doc_id!r}), so every score would be 0; are these judgements for another corpus, "
+                          "or are its document ids written differently?")
     if missing:
         example = next(d for d, p in zip((d for _, d in judged), corpus.positions([d for _, d in judged])) if p < 0)
         logger.warning("%s: %d of %d judgements name documents that are not in the corpus (e.g. %r); kept, as BEIR "

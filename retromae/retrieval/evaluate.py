@@ -222,6 +222,8 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     work = Path(tempfile.mkdtemp(prefix="retromae-eval-")) if state.num_processes == 1 else _shared_work_dir(state)
     try:
         encoder = encoder or make_encoder(model, encode_cfg, search, state.device)
+        if state.is_main_process:
+            warn_if_unreadable_once(encoder.tokenizer, data, search.title_separator)
         if search.representation == "dupmae":
             found = hybrid_run(encoder, data, search, work, state, depth)
             settings.update(asdict(encoder.cfg))
@@ -246,6 +248,24 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     if search.layers and output:
         write_matryoshka(result, search, Path(output))
     return result
+
+
+_READABILITY_CHECKED: set = set()
+
+
+def warn_if_unreadable_once(tokenizer, data: RetrievalData, title_separator: str) -> None:
+    """`retromae.inputs.warn_if_unreadable` on an evenly spaced sample of the corpus, once per collection and
+    tokenizer in a process (a dev set scored every N steps is looked at once)."""
+    from retromae.inputs import SAMPLE_TEXTS, warn_if_unreadable
+
+    key = (json.dumps(data.sources, sort_keys=True), getattr(tokenizer, "name_or_path", id(tokenizer)))
+    if tokenizer is None or key in _READABILITY_CHECKED:
+        return
+    _READABILITY_CHECKED.add(key)
+    _, texts = data.passages(title_separator)
+    step = max(1, len(texts) // SAMPLE_TEXTS)
+    warn_if_unreadable(tokenizer, [texts[i] for i in range(0, len(texts), step)][:SAMPLE_TEXTS],
+                       data.sources.get("corpus", data.name))
 
 
 def matryoshka_table(result: dict, search: SearchConfig, metric: str | None = None) -> str:
