@@ -104,12 +104,19 @@ def prepare(cfg: PretrainConfig) -> dict:
             "seconds": meta.get("seconds")}
 
 
-def export_length(model: ModelConfig, tokenizer, config) -> int:
-    """The token limit the export declares: the starting model's own (pretraining does not shorten what an encoder
-    can read), as its sentence-transformers config says, else its tokenizer and position table."""
-    path = resolve_model_path(model.name_or_path)
+def export_length(cfg: PretrainConfig, tokenizer, config) -> int:
+    """The token limit the export declares: the length it was pretrained at (data.max_len; for objectives that cut
+    their own spans from documents, the longest span with its special tokens), never more than the starting model
+    declares (its sentence-transformers config, else its tokenizer and position table). A model pretrained at 128
+    tokens that declared the starting model's 256 would be evaluated on lengths it never saw."""
+    path = resolve_model_path(cfg.model.name_or_path)
     declared = read_settings(path).max_seq_length if Path(path).is_dir() else None
-    return declared or default_max_length(tokenizer, config)
+    start = declared or default_max_length(tokenizer, config)
+    trained = cfg.data.max_len
+    if cfg.data.cut == "document":
+        span = getattr(cfg.objective, "max_span_tokens", None)
+        trained = span + 2 if span else start
+    return min(start, trained)
 
 
 def preflight(cfg: PretrainConfig) -> None:
@@ -164,6 +171,6 @@ def run(cfg: PretrainConfig) -> dict:
         if exported:
             if accelerator.is_main_process:
                 export_model(trainer.objective, tokenizer, out, run_config=to_dict(cfg),
-                             max_seq_length=export_length(cfg.model, tokenizer, trainer.objective.encoder.config))
+                             max_seq_length=export_length(cfg, tokenizer, trainer.objective.encoder.config))
             accelerator.wait_for_everyone()
     return {"history": history, "model_dir": str(out) if exported else None, "steps": trainer.step}

@@ -4,6 +4,8 @@ before any step; a tokenizer that cannot read the corpus is warned about with th
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,42 @@ def test_judgements_that_name_no_document_of_the_corpus_are_an_error(beir_task, 
     with caplog.at_level(logging.WARNING):
         assert load_dataset(str(task)).qrels == {"q0": {"MED-1": 1}, "q1": {"doc1": 1}}
     assert "1 of 2 judgements name documents that are not in the corpus" in caplog.text
+
+
+def test_the_export_declares_the_length_it_was_pretrained_at(tiny_model, corpus_file, tmp_path):
+    from conftest import tiny_config
+    from retromae.pretrain import run
+
+    # the tiny model reads 128 tokens; pretrained at 48, its export says 48 (it said 128 before)
+    cfg = tiny_config(tiny_model, corpus_file, tmp_path, data={"max_len": 48}, train={"max_steps": 1})
+    model = run(cfg)["model_dir"]
+    from sentence_transformers import SentenceTransformer
+
+    from retromae.retrieval.encoder import EncodeConfig, TextEncoder
+
+    assert SentenceTransformer(model, device="cpu").max_seq_length == 48
+    encoder = TextEncoder(model, EncodeConfig(precision="no"), device="cpu")
+    assert (encoder.cfg.query_max_len, encoder.cfg.passage_max_len) == (48, 48), "what `evaluate` encodes with"
+
+
+def test_bm25_prints_no_debug_line(beir_task):
+    done = subprocess.run([sys.executable, "-m", "retromae", "evaluate", "--model", "bm25", "--dataset",
+                           str(beir_task)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DEBUG" not in done.stderr + done.stdout and "| docstrings |" in done.stdout
+
+
+def test_pyproject_licence_gives_setuptools_no_warning(tmp_path):
+    import warnings
+
+    pytest.importorskip("setuptools", minversion="77")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "retromae").mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), str(tmp_path / "pyproject.toml"))
+    assert not [str(w.message) for w in caught if "license" in str(w.message).lower()]
