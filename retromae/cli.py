@@ -1,5 +1,5 @@
 """Command line: `retromae pretrain | finetune CONFIG.yaml [key=value ...]`, `retromae evaluate`, `retromae mine`,
-`retromae encode`, `retromae demo`.
+`retromae encode`, `retromae data get | list | pairs`, `retromae demo`.
 
 Runs the same under `accelerate launch -m retromae ...` on one CPU or many GPUs.
 """
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                    "dims 32, 64, ... up to its width")
     e.add_argument("--layers", type=int, nargs="+", help="with --matryoshka: the layers")
     e.add_argument("--dims", type=int, nargs="+", help="with --matryoshka: the prefix sizes")
+    _add_data_parser(sub)
     c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)",
                        formatter_class=defaults)
     c.add_argument("--model", required=True)
@@ -119,6 +120,67 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--title-separator", default=" ")
     _add_encode_arguments(c)
     return parser
+
+
+def _add_data_parser(sub) -> None:
+    from retromae.config import DATA_ENV, DEFAULT_DATA_ROOT
+
+    root_help = f"the data root (default: ${DATA_ENV}, else {DEFAULT_DATA_ROOT}/ here): where recipes and suites look"
+    data = sub.add_parser("data", help="get public datasets (BEIR, MS MARCO) or make a task from your own pairs",
+                          description=f"Datasets go under the data root, ${DATA_ENV} (default: {DEFAULT_DATA_ROOT}/ "
+                          "in the current folder), where the recipes (${RETROMAE_DATA}/beir/...), suites and studies "
+                          "look for them.")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    get = actions.add_parser("get", help="download datasets: BEIR names (nfcorpus, scifact, ...) or msmarco-passage",
+                             description="Download and unpack datasets into ROOT/beir/NAME (BEIR) or ROOT/msmarco "
+                             "(msmarco-passage: collection.tsv, queries and qrels of train, dev, eval). An archive "
+                             "is checked against its published MD5; a dataset already there is kept.")
+    get.add_argument("names", nargs="+", metavar="NAME", help="`retromae data list` shows them")
+    get.add_argument("--root", help=root_help)
+    get.add_argument("--mirror", help="base URL serving the same archives (default: BEIR's and Microsoft's servers)")
+    get.add_argument("--md5", help="the archive's MD5 when a mirror serves another build (one NAME only)")
+    get.add_argument("--force", action="store_true", help="download again and replace what is there")
+    get.add_argument("--triples", action="store_true", help="msmarco-passage: also qidpidtriples.train.full.2.tsv.gz "
+                     "(~1.8 GB, the training triples fine-tuning samples negatives from)")
+    actions.add_parser("list", help="the datasets `retromae data get` knows, and where each goes")
+    pairs = actions.add_parser("pairs", help="a retrieval task (BEIR layout) from your own query<TAB>passage pairs",
+                               description="Write a BEIR folder from a TSV of query<TAB>passage pairs (and your "
+                               "corpus): corpus.jsonl, queries.jsonl, qrels/train.tsv, qrels/test.tsv. Fine-tuning "
+                               "(data.train=FOLDER) and `retromae evaluate --dataset FOLDER --split test` read it.")
+    pairs.add_argument("pairs", help="TSV file: one query<TAB>relevant passage a line")
+    pairs.add_argument("--texts", help="your corpus (one passage a line, JSON lines or TSV): searched with the "
+                       "paired passages")
+    pairs.add_argument("--output", required=True, help="the folder to write (e.g. data/my_task)")
+    pairs.add_argument("--test-share", type=float, default=0.2, help="share of the queries kept for testing")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    pairs.add_argument("--force", action="store_true", help="replace --output if it is not empty")
+
+
+def _data(args) -> None:
+    from pathlib import Path
+
+    from retromae.data import download
+
+    if args.action == "list":
+        for name in download.names():
+            kind = "MS MARCO passage, TSV" if name == download.MSMARCO_PASSAGE else "BEIR"
+            print(f"{name:18s} {kind:22s} -> {download.target_folder(name)}")
+        return
+    if args.action == "pairs":
+        from retromae.data.pairs import write_task
+
+        done = write_task(args.pairs, args.output, args.texts, args.test_share, args.seed, args.force)
+        print(f"wrote {done['folder']}: {done['documents']} documents, {done['queries']} queries ({done['train']} "
+              f"train, {done['test']} test)")
+        return
+    if args.md5 and len(args.names) > 1:
+        raise ConfigError("--md5 checks one archive: give one NAME with it")
+    for name in args.names:  # every name checked before anything is downloaded
+        download.check_name(name)
+    for name in args.names:
+        fetched = download.fetch(name, Path(args.root) if args.root else None, args.mirror, args.md5, args.force,
+                                 args.triples)
+        print(download.describe(fetched))
 
 
 def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "encode":
             _encode(args)
+        elif args.command == "data":
+            _data(args)
         elif args.command == "finetune":
             from retromae.finetune.run import load_finetune_config, run as run_finetune
 
