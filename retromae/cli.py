@@ -12,6 +12,7 @@ import sys
 
 from retromae.config import ConfigError
 from retromae.data.corpus import CorpusError
+from retromae.interrupt import TrainingInterrupted
 from retromae.masking import TokenizerError
 from retromae.retrieval.metrics import DEFAULT_METRICS
 
@@ -361,9 +362,34 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"retromae: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        if _is_main_process():
+            print(f"retromae: {stopped}. {_how_to_resume(args)}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, data preparation, evaluation)
+        if _is_main_process():
+            print("retromae: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     finally:
         end_process_group()
     return 0
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launch (torchrun / accelerate launch set RANK), or a plain process; read from the environment,
+    which works however far the process got (before or after its process group)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _how_to_resume(args) -> str:
+    if args.command in ("pretrain", "finetune"):
+        return "To resume, run the same command with train.resume=latest"
+    if args.command == "study":
+        return ("To go on, run the same `retromae study` command again: finished stages are kept, the interrupted "
+                "one starts over")
+    return f"Run `retromae {args.command}` again to start over"
 
 
 def end_process_group() -> None:
