@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        + ". Recipes: pretrain/*.yaml.")
     p.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_nfcorpus_small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 objective.decoding=basic")
+    p.add_argument("--show-config", action="store_true", help="print every key (recipe and overrides applied) with "
+                   "its value and what it does, and stop")
     r = sub.add_parser("prepare", help="tokenize and cut a pretraining corpus into the example cache, in parallel",
                        description="Build the example cache of a pretraining recipe with data.num_proc processes "
                        "(pretrain reuses it). Prints examples=<n> mean_length=<tokens per example> last.")
@@ -62,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
     f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
+    f.add_argument("--show-config", action="store_true", help="print every key (recipe and overrides applied) with "
+                   "its value and what it does, and stop")
     st = sub.add_parser("study", help="compare pretraining objectives on equal terms (pretrain, fine-tune, evaluate)",
                         description="Run every arm of a study (pretraining objective or none, the same fine-tuning "
                         "and evaluation), resumably; write study.json, study.md and study.png.")
@@ -324,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pretrain":
             from retromae.pretrain import load_config, run
 
-            run(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            if args.show_config:
+                print("\n".join(describe_config(cfg)))
+                return 0
+            run(cfg)
         elif args.command == "study":
             from retromae.study import load_study, run_study
 
@@ -349,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "finetune":
             from retromae.finetune.run import load_finetune_config, run as run_finetune
 
-            run_finetune(load_finetune_config(args.config, args.overrides))
+            cfg = load_finetune_config(args.config, args.overrides)
+            if args.show_config:
+                print("\n".join(describe_config(cfg)))
+                return 0
+            run_finetune(cfg)
         elif args.command == "mine":
             from retromae.finetune.mine import MineConfig, mine_negatives
 
@@ -373,6 +385,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         end_process_group()
     return 0
+
+
+def describe_config(cfg, prefix: str = "") -> list[str]:
+    """`section.key=value  # what it does` for every key of a config, as an override would set it: the keys a
+    recipe does not mention included."""
+    import dataclasses
+    import json
+
+    from retromae.config import field_docs
+
+    docs: dict[str, str] = {}
+    for klass in reversed(type(cfg).__mro__):  # an objective's Config inherits `name` from ObjectiveConfig
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            lines += describe_config(value, key + ".")
+            continue
+        shown = value if isinstance(value, str) and value.strip() == value and value else json.dumps(value)
+        lines.append(f"{key}={shown}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
+    return lines
 
 
 def _is_main_process() -> bool:
