@@ -39,12 +39,13 @@ class TextFields:
 
 
 # Characters that show nothing and that str.strip() keeps: a text of only these (and white space) is empty.
-INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\u180e\ufeff\u00ad"
 _DROP_INVISIBLE = str.maketrans("", "", INVISIBLE)
 
 
 def is_blank(text: str) -> bool:
-    """No visible character: white space, zero-width spaces and joiners, byte-order marks, soft hyphens."""
+    """No visible character: white space, zero-width spaces and joiners, direction marks, invisible operators,
+    byte-order marks, soft hyphens."""
     return not text.translate(_DROP_INVISIBLE).strip()
 
 
