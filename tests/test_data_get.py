@@ -110,8 +110,11 @@ def test_beir_dataset_lands_where_suites_and_recipes_read_it(served, beir_task, 
     # a second get keeps it and asks the server nothing
     assert main(["data", "get", "nfcorpus", "--root", str(data), "--mirror", server.url, "--md5", md5]) == 0
     assert server.requests == ["/nfcorpus.zip"] and "already in" in capsys.readouterr().out
-    # recipes and suites read it through RETROMAE_DATA
+    # recipes and suites read it through RETROMAE_DATA, and evaluate --dataset finds it by its name
     monkeypatch.setenv("RETROMAE_DATA", str(data))
+    from retromae.retrieval.data import load_dataset
+
+    assert load_dataset("nfcorpus").sources["corpus"] == str(data / "beir" / "nfcorpus" / "corpus.jsonl")
     from retromae.pretrain import load_config
 
     recipe = load_config(str(ROOT / "pretrain" / "retromae_nfcorpus_small.yaml"))
