@@ -74,13 +74,13 @@ class StopVote:
     One all-reduce (MAX) of a single number per step. On GPUs its result is read one step late, from a copy into
     pinned memory behind a CUDA event, so that the vote never makes the host wait for the step in flight (reading a
     device value at once would synchronise every step); every process reads the vote of the same step, so they
-    still agree. On CPUs, or with one process, the answer is immediate."""
+    still agree. On CPUs, or with one process, the answer is immediate. `deferred` forces either way (tests)."""
 
-    def __init__(self, accelerator, signals: StopSignals):
+    def __init__(self, accelerator, signals: StopSignals, deferred: bool | None = None):
         self.accelerator, self.signals = accelerator, signals
         self.device = accelerator.device
-        self.deferred = accelerator.num_processes > 1 and self.device.type == "cuda"
-        self._pending = None  # (pinned host copy, event) of the last step's vote, on GPUs
+        self.deferred = (accelerator.num_processes > 1 and self.device.type == "cuda") if deferred is None else deferred
+        self._pending = None  # (host copy, event) of the last step's vote, when deferred
 
     def __call__(self) -> int:
         """The signal number to stop for (0: go on); call it on every process at every step boundary."""
@@ -88,14 +88,30 @@ class StopVote:
             return self.signals.received
         import torch.distributed as dist
 
-        flag = torch.tensor([self.signals.received], dtype=torch.int64, device=self.device)
+        # torch.full, not torch.tensor: a fill on the device, where a copy from the host would wait for the stream
+        flag = torch.full((1,), self.signals.received, dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not self.deferred:
             return int(flag.item())
-        previous, self._pending = self._pending, (torch.empty(1, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
-        self._pending[0].copy_(flag, non_blocking=True)
-        self._pending[1].record()
+        previous, self._pending = self._pending, self._copy_to_host(flag)
         if previous is None:
             return 0
-        previous[1].synchronize()  # the step before this one: done by now
-        return int(previous[0].item())
+        host, done = previous
+        done.synchronize()  # the step before this one: finished by now
+        return int(host.item())
+
+    def _copy_to_host(self, flag: torch.Tensor):
+        if flag.device.type != "cuda":
+            return flag.clone(), _Done()
+        host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+
+class _Done:
+    """An event that has happened (the host copy of a CPU tensor is complete at once)."""
+
+    def synchronize(self) -> None:
+        pass

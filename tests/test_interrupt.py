@@ -124,3 +124,29 @@ def test_sigterm_to_one_process_of_a_launch_stops_both_and_resumes_exactly(tiny_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resumed.stderr
     assert_same_weights(weights(tmp_path / "straight" / "model"), weights(out / "model"))
+
+
+def test_the_vote_agrees_on_the_step_also_when_read_one_step_late(monkeypatch):
+    """The GPU form of the vote (read one step late so the host never waits), on the CPU: a signal seen during step
+    k stops every process after step k + 1, and the all-reduce's MAX is what decides."""
+    import types
+
+    import torch.distributed as dist
+
+    from retromae.interrupt import StopSignals, StopVote
+
+    others = {"signal": 0}  # what the other process contributes to the all-reduce
+
+    def all_reduce(tensor, op):
+        assert op == dist.ReduceOp.MAX
+        tensor.clamp_(min=others["signal"])
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    accelerator = types.SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    signals = StopSignals(announce=False)
+    late, now = StopVote(accelerator, signals, deferred=True), StopVote(accelerator, signals, deferred=False)
+    assert [late(), late()] == [0, 0] and now() == 0
+    others["signal"] = int(signal.SIGTERM)  # only the other process was signalled, during this step
+    assert now() == signal.SIGTERM, "read at once: stop after this step"
+    assert late() == 0, "read one step late: this step's vote is not read yet"
+    assert late() == signal.SIGTERM, "... and is, after the next step, on every process alike"
