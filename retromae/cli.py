@@ -146,7 +146,7 @@ def _add_data_parser(sub) -> None:
     get.add_argument("--md5", help="the archive's MD5 when a mirror serves another build (one NAME only)")
     get.add_argument("--force", action="store_true", help="download again and replace what is there")
     get.add_argument("--triples", action="store_true", help="msmarco-passage: also qidpidtriples.train.full.2.tsv.gz "
-                     "(~1.8 GB, the training triples fine-tuning samples negatives from)")
+                     "(the 397M training triples fine-tuning samples negatives from, kept gzipped)")
     actions.add_parser("list", help="the datasets `retromae data get` knows, and where each goes")
     pairs = actions.add_parser("pairs", help="a retrieval task (BEIR layout) from your own query<TAB>passage pairs",
                                description="Write a BEIR folder from a TSV of query<TAB>passage pairs (and your "
