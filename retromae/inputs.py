@@ -19,9 +19,14 @@ from retromae.config import ConfigError
 logger = logging.getLogger(__name__)
 
 # Files that hold a vocabulary: one of them must be in a folder for a tokenizer to be loaded from it (a
-# tokenizer_config.json alone gives transformers 5 an empty tokenizer that maps every word to [UNK]).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                    "tokenizer.model", "sentencepiece.model")
+# tokenizer_config.json alone gives transformers 5 an empty tokenizer that maps every word to [UNK]): the fast
+# tokenizer's tokenizer.json, a vocab.* file (WordPiece, BPE), a SentencePiece *.model (spiece.model, spm.model,
+# sentencepiece.bpe.model, tokenizer.model), a *.tiktoken file.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "spm.model")
+
+
+def _holds_vocabulary(name: str) -> bool:
+    return name == "tokenizer.json" or name.startswith("vocab.") or name.endswith((".model", ".tiktoken"))
 
 # Models whose position ids start after the padding index (RoBERTa's convention): their table has
 # max_position_embeddings rows but holds max_position_embeddings - padding_idx - 1 positions (514 rows: 512).
@@ -38,8 +43,7 @@ def check_tokenizer_files(name: str, what: str) -> None:
     path = resolve_model_path(name)
     if not os.path.isdir(path):
         return
-    if any(os.path.isfile(os.path.join(path, f)) for f in VOCABULARY_FILES) or any(
-            f.endswith(".tiktoken") for f in os.listdir(path)):
+    if any(_holds_vocabulary(f) and os.path.isfile(os.path.join(path, f)) for f in os.listdir(path)):
         return
     raise ConfigError(f"{what}={name!r}: the folder {path} holds no tokenizer ({', '.join(VOCABULARY_FILES[:3])} "
                       "...); save the tokenizer there (tokenizer.save_pretrained), or name the one it was trained "

@@ -205,3 +205,17 @@ def test_pyproject_licence_gives_setuptools_no_warning(tmp_path):
         warnings.simplefilter("always")
         apply_configuration(Distribution(), str(tmp_path / "pyproject.toml"))
     assert not [str(w.message) for w in caught if "license" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("vocabulary", ["tokenizer.json", "vocab.txt", "vocab.json", "spm.model",
+                                        "sentencepiece.bpe.model", "tokenizer.model"])
+def test_any_vocabulary_file_makes_a_tokenizer_folder(tmp_path, vocabulary):
+    from retromae.config import ConfigError
+    from retromae.inputs import check_tokenizer_files
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds no tokenizer"):
+        check_tokenizer_files(str(tmp_path), "--model")  # a tokenizer_config.json alone holds no vocabulary
+    (tmp_path / vocabulary).write_text("x")
+    check_tokenizer_files(str(tmp_path), "--model")
