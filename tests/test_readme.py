@@ -24,7 +24,7 @@ def readme_block(heading: str) -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
-def own_files(folder: Path, texts: int = 160, pairs: int = 60) -> None:
+def own_files(folder: Path, texts: int = 64, pairs: int = 40) -> None:
     """my_texts.txt (docstrings, one a line) and my_pairs.tsv (a docstring's first sentence -> the rest of it)."""
     from retromae.demo import docstring_corpus, split_first_sentence
 
@@ -63,7 +63,7 @@ def test_your_own_data_in_five_commands_as_printed(tmp_path, tiny_model):
     done = subprocess.run(["bash", "-e", "-c", block], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    assert re.search(r"wrote data/my_task: \d+ documents, 60 queries \(48 train, 12 test\)", out), out[-2000:]
+    assert re.search(r"wrote data/my_task: \d+ documents, 40 queries \(32 train, 8 test\)", out), out[-2000:]
     row = re.search(r"^\| my_task \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", out, re.M)
     assert row and 0 < float(row.group(1)) <= 1, out[-2000:]
     assert out.strip().splitlines()[-1] == "(1, 32)", "the export loads in sentence-transformers (the tiny model's 32)"
