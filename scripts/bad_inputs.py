@@ -377,7 +377,7 @@ def main() -> int:
     lines = ["| case | outcome | message (one line) |", "|---|---|---|"]
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAILED: " + "; ".join(r["problems"])
-        message = r["result"].replace(str(work), "<tmp>").replace("|", "\\|")
+        message = r["result"].replace(str(work), "<tmp>").replace(os.getcwd(), "<cwd>").replace("|", "\\|")
         lines.append(f"| {r['case']} | {verdict} | {message} |")
     failed = sum(1 for r in rows if r["problems"])
     table = "\n".join(lines)
