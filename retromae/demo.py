@@ -212,6 +212,8 @@ def path_hint() -> str:
         shown = os.path.relpath(bin_dir)
     except ValueError:
         shown = str(bin_dir)
+    if shown.startswith(".."):  # outside the current folder: the absolute path reads better
+        shown = str(bin_dir)
     shown = shown if shown.startswith((".", "/")) else f"./{shown}"
     return (f"next: `source {shown}/activate` puts `retromae` on your PATH (or call {shown}/retromae); then your "
             "own data, in five commands: README.md, \"Your own data\"")

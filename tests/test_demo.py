@@ -31,7 +31,7 @@ def test_path_hint_when_retromae_is_not_on_path(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # as after `make demo`: .venv/bin is not on PATH
     hint = path_hint()
     shown = os.path.relpath(bin_dir)
-    shown = shown if shown.startswith((".", "/")) else f"./{shown}"
+    shown = str(bin_dir) if shown.startswith("..") else shown if shown.startswith(".") else f"./{shown}"
     assert f"`source {shown}/activate` puts `retromae` on your PATH (or call {shown}/retromae)" in hint
     (tmp_path / "retromae").write_text("#!/bin/sh\n")
     (tmp_path / "retromae").chmod(0o755)  # another retromae on PATH is not the one the demo ran with
@@ -39,3 +39,16 @@ def test_path_hint_when_retromae_is_not_on_path(monkeypatch, tmp_path):
     if (bin_dir / "retromae").is_file():
         monkeypatch.setenv("PATH", str(bin_dir))
         assert "source" not in path_hint() and "Your own data" in path_hint()
+
+
+def test_path_hint_names_a_venv_in_the_current_folder_relatively(monkeypatch, tmp_path):
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.chdir(tmp_path)
+    assert path_hint().startswith("next: `source .venv/bin/activate` puts `retromae` on your PATH (or call "
+                                  ".venv/bin/retromae)")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # outside the current folder: its absolute path, not ../.venv/bin
+    assert f"`source {venv_bin}/activate`" in path_hint()
