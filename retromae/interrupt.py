@@ -59,7 +59,8 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set from there
             for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._note)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # ignored on entry (`cmd &`, nohup): left ignored
+                    self._previous[s] = signal.signal(s, self._note)
         return self
 
     def __exit__(self, *exc) -> None:

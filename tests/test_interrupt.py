@@ -51,12 +51,16 @@ def test_sigint_in_one_process_stops_after_the_step_with_a_checkpoint(tiny_model
             os.kill(os.getpid(), signal.SIGINT)
 
     trainer = Trainer(objective, batches, cfg.train, accelerator, run_config={}, callbacks=[press_ctrl_c])
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
-    with pytest.raises(TrainingInterrupted) as stopped:
-        trainer.train()
+    # as at a terminal (a background job starts with SIGINT ignored, which training leaves ignored)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            trainer.train()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C means KeyboardInterrupt again"
+    finally:
+        signal.signal(signal.SIGINT, outside)
     assert (stopped.value.step, stopped.value.exit_code) == (4, 130)
     assert stopped.value.checkpoint == str(tmp_path / "b" / "checkpoints" / "checkpoint-4")
-    assert signal.getsignal(signal.SIGINT) is before, "after training, Ctrl-C does what it did before"
     resumed = tiny_config(tiny_model, corpus_file, tmp_path / "b", model={"dropout": 0.1},
                           train={**common, "resume": "latest"})
     assert run(resumed)["steps"] == 6
@@ -151,3 +155,17 @@ def test_the_vote_agrees_on_the_step_also_when_read_one_step_late(monkeypatch):
     assert now() == signal.SIGTERM, "read at once: stop after this step"
     assert late() == 0, "read one step late: this step's vote is not read yet"
     assert late() == signal.SIGTERM, "... and is, after the next step, on every process alike"
+
+
+def test_a_signal_ignored_on_entry_stays_ignored():
+    from retromae.interrupt import StopSignals
+
+    outside = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `retromae pretrain ... &`
+    try:
+        with StopSignals(announce=False) as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert signals.received == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outside)
