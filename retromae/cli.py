@@ -1,5 +1,5 @@
 """Command line: `retromae pretrain | finetune CONFIG.yaml [key=value ...]`, `retromae evaluate`, `retromae mine`,
-`retromae encode`, `retromae demo`.
+`retromae encode`, `retromae data get | list | pairs`, `retromae demo`.
 
 Runs the same under `accelerate launch -m retromae ...` on one CPU or many GPUs.
 """
@@ -12,6 +12,7 @@ import sys
 
 from retromae.config import ConfigError
 from retromae.data.corpus import CorpusError
+from retromae.interrupt import TrainingInterrupted
 from retromae.masking import TokenizerError
 from retromae.retrieval.metrics import DEFAULT_METRICS
 
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        + ". Recipes: pretrain/*.yaml.")
     p.add_argument("config", help="YAML recipe, e.g. pretrain/retromae_nfcorpus_small.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 objective.decoding=basic")
+    p.add_argument("--show-config", action="store_true", help="print every key (recipe and overrides applied) with "
+                   "its value and what it does, and stop")
     r = sub.add_parser("prepare", help="tokenize and cut a pretraining corpus into the example cache, in parallel",
                        description="Build the example cache of a pretraining recipe with data.num_proc processes "
                        "(pretrain reuses it). Prints examples=<n> mean_length=<tokens per example> last.")
@@ -61,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="contrastive fine-tuning of a bi-encoder (in-batch, hard, cross-device negatives)")
     f.add_argument("config", help="YAML recipe, e.g. finetune/nfcorpus_small.yaml")
     f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 data.group_size=16")
+    f.add_argument("--show-config", action="store_true", help="print every key (recipe and overrides applied) with "
+                   "its value and what it does, and stop")
     st = sub.add_parser("study", help="compare pretraining objectives on equal terms (pretrain, fine-tune, evaluate)",
                         description="Run every arm of a study (pretraining objective or none, the same fine-tuning "
                         "and evaluation), resumably; write study.json, study.md and study.png.")
@@ -126,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                    "dims 32, 64, ... up to its width")
     e.add_argument("--layers", type=int, nargs="+", help="with --matryoshka: the layers")
     e.add_argument("--dims", type=int, nargs="+", help="with --matryoshka: the prefix sizes")
+    _add_data_parser(sub)
     c = sub.add_parser("encode", help="encode a corpus into memory-mapped shards (one per process)",
                        formatter_class=defaults)
     c.add_argument("--model", required=True)
@@ -141,6 +147,67 @@ def _add_scratch_arguments(p: argparse.ArgumentParser) -> None:
                    "--output; several machines need one they all see)")
     p.add_argument("--shard-dtype", choices=["float32", "float16"], help="vectors in the scratch shards (default "
                    "float32; float16 takes half the disk)")
+
+
+def _add_data_parser(sub) -> None:
+    from retromae.config import DATA_ENV, DEFAULT_DATA_ROOT
+
+    root_help = f"the data root (default: ${DATA_ENV}, else {DEFAULT_DATA_ROOT}/ here): where recipes and suites look"
+    data = sub.add_parser("data", help="get public datasets (BEIR, MS MARCO) or make a task from your own pairs",
+                          description=f"Datasets go under the data root, ${DATA_ENV} (default: {DEFAULT_DATA_ROOT}/ "
+                          "in the current folder), where the recipes (${RETROMAE_DATA}/beir/...), suites and studies "
+                          "look for them.")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    get = actions.add_parser("get", help="download datasets: BEIR names (nfcorpus, scifact, ...) or msmarco-passage",
+                             description="Download and unpack datasets into ROOT/beir/NAME (BEIR) or ROOT/msmarco "
+                             "(msmarco-passage: collection.tsv, queries and qrels of train, dev, eval). An archive "
+                             "is checked against its published MD5; a dataset already there is kept.")
+    get.add_argument("names", nargs="+", metavar="NAME", help="`retromae data list` shows them")
+    get.add_argument("--root", help=root_help)
+    get.add_argument("--mirror", help="base URL serving the same archives (default: BEIR's and Microsoft's servers)")
+    get.add_argument("--md5", help="the archive's MD5 when a mirror serves another build (one NAME only)")
+    get.add_argument("--force", action="store_true", help="download again and replace what is there")
+    get.add_argument("--triples", action="store_true", help="msmarco-passage: also qidpidtriples.train.full.2.tsv.gz "
+                     "(the 397M training triples fine-tuning samples negatives from, kept gzipped)")
+    actions.add_parser("list", help="the datasets `retromae data get` knows, and where each goes")
+    pairs = actions.add_parser("pairs", help="a retrieval task (BEIR layout) from your own query<TAB>passage pairs",
+                               description="Write a BEIR folder from a TSV of query<TAB>passage pairs (and your "
+                               "corpus): corpus.jsonl, queries.jsonl, qrels/train.tsv, qrels/test.tsv. Fine-tuning "
+                               "(data.train=FOLDER) and `retromae evaluate --dataset FOLDER --split test` read it.")
+    pairs.add_argument("pairs", help="TSV file: one query<TAB>relevant passage a line")
+    pairs.add_argument("--texts", help="your corpus (one passage a line, JSON lines or TSV): searched with the "
+                       "paired passages")
+    pairs.add_argument("--output", required=True, help="the folder to write (e.g. data/my_task)")
+    pairs.add_argument("--test-share", type=float, default=0.2, help="share of the queries kept for testing")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    pairs.add_argument("--force", action="store_true", help="replace --output if it is not empty")
+
+
+def _data(args) -> None:
+    from pathlib import Path
+
+    from retromae.data import download
+
+    if args.action == "list":
+        for name in download.names():
+            kind = "MS MARCO passage, TSV" if name == download.MSMARCO_PASSAGE else "BEIR"
+            print(f"{name:18s} {kind:22s} -> {download.target_folder(name)}")
+        return
+    if args.action == "pairs":
+        from retromae.data.pairs import write_task
+
+        done = write_task(args.pairs, args.output, args.texts, args.test_share, args.seed, args.force)
+        print(f"wrote {done['folder']}: {done['documents']} documents, {done['queries']} queries ({done['train']} "
+              f"train, {done['test']} test)")
+        return
+    if args.md5 and len(args.names) > 1:
+        raise ConfigError("--md5 checks one archive: give one NAME with it")
+    for name in args.names:  # every name checked before anything is downloaded
+        download.check_name(name)
+    for name in args.names:
+        fetched = download.fetch(name, Path(args.root) if args.root else None, args.mirror, args.md5, args.force,
+                                 args.triples)
+        print(download.describe(fetched))
 
 
 def _add_encode_arguments(p: argparse.ArgumentParser) -> None:
@@ -173,6 +240,25 @@ def _encode_config(args, base=None):
     return replace(base or EncodeConfig(), **given)
 
 
+def _check_model(model: str, encode, suite: str | None = None, args=None) -> None:
+    """Before any data is read: the model folder has a tokenizer, and the lengths asked for (on the command line,
+    or by the suite's encode section) fit its positions."""
+    from retromae.inputs import check_lengths, check_tokenizer_files, model_position_limit
+    from retromae.retrieval.bm25 import is_bm25
+
+    if is_bm25(model):
+        return
+    check_tokenizer_files(model, "--model")
+
+    def key(field: str) -> str:
+        given = args is None or suite is None or getattr(args, field) is not None
+        return f"--{field.replace('_', '-')}" if given else f"{suite}: encode.{field}"
+
+    asked = {key("query_max_len"): encode.query_max_len, key("passage_max_len"): encode.passage_max_len}
+    if any(v is not None for v in asked.values()):
+        check_lengths(asked, model_position_limit(model, what="--model"), model)
+
+
 _SEARCH_OPTIONS = {"depth": "depth", "index": "index", "gpu_index": "use_gpu", "representation": "representation",
                    "hybrid_search": "hybrid_search", "candidate_pool": "candidate_pool", "metrics": "metrics",
                    "title_separator": "title_separator", "work_dir": "work_dir", "shard_dtype": "shard_dtype"}
@@ -196,6 +282,7 @@ def _evaluate(args) -> None:
         suite.search = replace(suite.search, **search_overrides)
         _sparse_options(args, suite.search)
         suite.encode = _encode_config(args, suite.encode)
+        _check_model(args.model, suite.encode, args.suite, args)
         if args.data_root:
             suite.data_root = args.data_root
         if args.split:
@@ -210,6 +297,7 @@ def _evaluate(args) -> None:
     _sparse_options(args, search)
     if args.fuse:
         return _evaluate_fused(args, search)
+    _check_model(args.model, _encode_config(args))
     result = evaluate_model(args.model, args.dataset, args.split, _encode_config(args), search, args.run, args.output)
     if result is not None and search.layers:
         from retromae.retrieval.evaluate import matryoshka_table
@@ -276,6 +364,7 @@ def _encode(args) -> None:
     from retromae.retrieval.collection import load_collection
     from retromae.retrieval.encoder import TextEncoder, encode_shard
 
+    _check_model(args.model, _encode_config(args))
     state = process_state()
     path = Path(args.corpus)
     if path.is_dir():
@@ -302,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pretrain":
             from retromae.pretrain import load_config, run
 
-            run(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            if args.show_config:
+                print("\n".join(describe_config(cfg)))
+                return 0
+            run(cfg)
         elif args.command == "study":
             from retromae.study import load_study, run_study
 
@@ -323,13 +416,20 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "encode":
             _encode(args)
+        elif args.command == "data":
+            _data(args)
         elif args.command == "finetune":
             from retromae.finetune.run import load_finetune_config, run as run_finetune
 
-            run_finetune(load_finetune_config(args.config, args.overrides))
+            cfg = load_finetune_config(args.config, args.overrides)
+            if args.show_config:
+                print("\n".join(describe_config(cfg)))
+                return 0
+            run_finetune(cfg)
         elif args.command == "mine":
             from retromae.finetune.mine import MineConfig, mine_negatives
 
+            _check_model(args.model, _encode_config(args))
             summary = mine_negatives(args.model, args.data, args.output, args.split, _encode_config(args),
                                      MineConfig(args.depth, args.skip_top, args.index, args.title_separator,
                                                 representation=args.representation,
@@ -340,9 +440,57 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"retromae: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        if _is_main_process():
+            print(f"retromae: {stopped}. {_how_to_resume(args)}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, data preparation, evaluation)
+        if _is_main_process():
+            print("retromae: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     finally:
         end_process_group()
     return 0
+
+
+def describe_config(cfg, prefix: str = "") -> list[str]:
+    """`section.key=value  # what it does` for every key of a config, as an override would set it: the keys a
+    recipe does not mention included."""
+    import dataclasses
+    import json
+
+    from retromae.config import field_docs
+
+    docs: dict[str, str] = {}
+    for klass in reversed(type(cfg).__mro__):  # an objective's Config inherits `name` from ObjectiveConfig
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            lines += describe_config(value, key + ".")
+            continue
+        shown = value if isinstance(value, str) and value.strip() == value and value else json.dumps(value)
+        lines.append(f"{key}={shown}" + (f"  # {docs[f.name]}" if f.name in docs else ""))
+    return lines
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launch (torchrun / accelerate launch set RANK), or a plain process; read from the environment,
+    which works however far the process got (before or after its process group)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _how_to_resume(args) -> str:
+    if args.command in ("pretrain", "finetune"):
+        return "To resume, run the same command with train.resume=latest"
+    if args.command == "study":
+        return ("To go on, run the same `retromae study` command again: finished stages are kept, the interrupted "
+                "one starts over")
+    return f"Run `retromae {args.command}` again to start over"
 
 
 def end_process_group() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -46,6 +47,30 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# Where datasets live: recipes write `${RETROMAE_DATA}/beir/nfcorpus/corpus.jsonl`, and `retromae data get` puts
+# datasets there. One setting for every recipe, suite and study; a clone has no ../shared.
+DATA_ENV = "RETROMAE_DATA"
+DEFAULT_DATA_ROOT = "data"  # relative to the folder a command runs in (the repository's root in the README)
+_DATA_VARIABLE = re.compile(r"\$\{" + DATA_ENV + r"\}")
+
+
+def data_root() -> Path:
+    """The data root: $RETROMAE_DATA, else `data/` in the current folder."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+def expand_data_root(node):
+    """`${RETROMAE_DATA}` replaced by the data root in every string of a parsed YAML document (other `$` are left
+    alone: prefixes and separators may hold them)."""
+    if isinstance(node, str):
+        return _DATA_VARIABLE.sub(lambda _: str(data_root()), node) if "${" in node else node
+    if isinstance(node, list):
+        return [expand_data_root(v) for v in node]
+    if isinstance(node, dict):
+        return {k: expand_data_root(v) for k, v in node.items()}
+    return node
+
+
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
     """Map every key path of a YAML document to its (1-based) line."""
     lines: dict[tuple[str, ...], int] = {}
@@ -80,7 +105,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[tuple[str, ...], int]]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping of sections (model:, data:, ...)")
-    return data, _line_index(text)
+    return expand_data_root(data), _line_index(text)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -92,7 +117,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), expand_data_root(value)
 
 
 def apply_overrides(data: dict, overrides: list[str], lines: dict | None = None) -> dict:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from retromae.config import ConfigError, apply_overrides, build, load_yaml, to_dict
 from retromae.data.batches import StoreBatches
-from retromae.data.corpus import check_sources
+from retromae.data.corpus import check_sources, sample_texts
 from retromae.data.examples import DataConfig
 from retromae.data.store import cache_folder, corpus_statistics, prepare_store
 from retromae.data.stream import StreamBatches
 from retromae.export import export_model, load_heads_if_present
+from retromae.inputs import SAMPLE_TEXTS, check_lengths, check_tokenizer_files, model_position_limit, warn_if_unreadable
 from retromae.masking import TokenTables
 from retromae.modeling import (
     ModelConfig,
@@ -94,8 +95,9 @@ def attach_statistics(objective, cfg: PretrainConfig, tokenizer) -> None:
 
 def prepare(cfg: PretrainConfig) -> dict:
     """`retromae prepare`: build the example cache with data.num_proc processes; returns its summary."""
-    check_sources(list(cfg.data.corpus), cfg.data.format)
+    preflight(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    check_corpus_is_readable(cfg.data, tokenizer)
     store = prepare_store(cfg.data, tokenizer, num_proc=cfg.data.num_proc)
     folder = cache_folder(cfg.data, tokenizer)
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -103,12 +105,19 @@ def prepare(cfg: PretrainConfig) -> dict:
             "seconds": meta.get("seconds")}
 
 
-def export_length(model: ModelConfig, tokenizer, config) -> int:
-    """The token limit the export declares: the starting model's own (pretraining does not shorten what an encoder
-    can read), as its sentence-transformers config says, else its tokenizer and position table."""
-    path = resolve_model_path(model.name_or_path)
+def export_length(cfg: PretrainConfig, tokenizer, config) -> int:
+    """The token limit the export declares: the length it was pretrained at (data.max_len; for objectives that cut
+    their own spans from documents, the longest span with its special tokens), never more than the starting model
+    declares (its sentence-transformers config, else its tokenizer and position table). A model pretrained at 128
+    tokens that declared the starting model's 256 would be evaluated on lengths it never saw."""
+    path = resolve_model_path(cfg.model.name_or_path)
     declared = read_settings(path).max_seq_length if Path(path).is_dir() else None
-    return declared or default_max_length(tokenizer, config)
+    start = declared or default_max_length(tokenizer, config)
+    trained = cfg.data.max_len
+    if cfg.data.cut == "document":
+        span = getattr(cfg.objective, "max_span_tokens", None)
+        trained = span + 2 if span else start
+    return min(start, trained)
 
 
 def preflight(cfg: PretrainConfig) -> None:
@@ -124,7 +133,21 @@ def preflight(cfg: PretrainConfig) -> None:
     if cfg.model.tokenizer:
         check_model_source(cfg.model.tokenizer, "model.tokenizer")
     check_family(cfg)
-    check_sources(list(cfg.data.corpus), cfg.data.format)
+    check_tokenizer_files(cfg.model.tokenizer or cfg.model.name_or_path,
+                          "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    check_sources(list(cfg.data.corpus), cfg.data.format, cfg.data.text_fields(), cfg.data.hf_config,
+                  cfg.data.hf_split)
+    if cfg.data.cut != "document":  # whole documents are cut into spans by the objective, which checks those
+        limit = model_position_limit(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        check_lengths({"data.max_len": cfg.data.max_len}, limit, cfg.model.name_or_path)
+
+
+def check_corpus_is_readable(data: DataConfig, tokenizer) -> None:
+    """Warn when the tokenizer turns much of the corpus into [UNK] (a sample of each source's first texts)."""
+    per_source = max(1, SAMPLE_TEXTS // max(1, len(data.corpus)))
+    for source, texts in sample_texts(list(data.corpus), data.format, data.text_fields(), per_source, data.hf_config,
+                                      data.hf_split):
+        warn_if_unreadable(tokenizer, texts, source)
 
 
 def check_family(cfg: PretrainConfig) -> None:
@@ -150,6 +173,8 @@ def run(cfg: PretrainConfig) -> dict:
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
         TokenTables.from_tokenizer(tokenizer)  # a tokenizer masking cannot use is refused before the data is prepared
+        if accelerator.is_main_process:
+            check_corpus_is_readable(cfg.data, tokenizer)
         batches = build_batches(cfg, tokenizer, accelerator)
         objective, tokenizer = build_objective(cfg, tokenizer)
         attach_statistics(objective, cfg, tokenizer)
@@ -163,6 +188,6 @@ def run(cfg: PretrainConfig) -> dict:
         if exported:
             if accelerator.is_main_process:
                 export_model(trainer.objective, tokenizer, out, run_config=to_dict(cfg),
-                             max_seq_length=export_length(cfg.model, tokenizer, trainer.objective.encoder.config))
+                             max_seq_length=export_length(cfg, tokenizer, trainer.objective.encoder.config))
             accelerator.wait_for_everyone()
     return {"history": history, "model_dir": str(out) if exported else None, "steps": trainer.step}

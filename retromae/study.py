@@ -236,8 +236,11 @@ def summarize(cfg: StudyConfig, cells: list[dict], baselines: dict) -> dict:
         label = {"bm25": "BM25 (reference)", "initial": f"{cfg.model}, untouched (reference)"}.get(name, name)
         lines.append(f"| {label} | {seeds} | " + " | ".join(_cell(values[d]) for d in datasets + ["average"])
                      + f" | {_difference(values['average'], summary[control]['average'] if control else None)} |")
+    why = noise_unknown(summary[control]["average"]) if control else None
+    note = f"\nσ: not given, noise unknown: {why}.\n" if why else ""
     return {"name": cfg.name, "metric": metric, "datasets": datasets, "arms": summary, "references": references,
-            "cells": cells, "table": f"### {cfg.name}: {metric}, mean ± std over seeds\n\n" + "\n".join(lines) + "\n"}
+            "cells": cells, "noise_unknown": why,
+            "table": f"### {cfg.name}: {metric}, mean ± std over seeds\n\n" + "\n".join(lines) + "\n" + note}
 
 
 def _stats(values: list) -> dict:
@@ -254,14 +257,36 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat.get("std") is not None else "")
 
 
+# The control's spread is a measure of the noise only from this many seeds, and only when it is at least this
+# large: 2 seeds that happen to agree to 0.001 made BM25 "+383.3 σ", and fine-tuning that ignores its seed
+# (spread 0) would make every difference infinite.
+MIN_CONTROL_SEEDS = 3
+MIN_CONTROL_SPREAD = 0.001
+
+
+def noise_unknown(control: dict | None) -> str | None:
+    """Why the control's spread cannot say what is noise, or None when it can."""
+    if control is None or control.get("mean") is None:
+        return None
+    if control.get("n", 0) < MIN_CONTROL_SEEDS:
+        return (f"the control has {control.get('n', 0)} seed(s): at least {MIN_CONTROL_SEEDS} are needed to measure "
+                "the noise of fine-tuning (give the control arm more seeds)")
+    if (control.get("std") or 0.0) < MIN_CONTROL_SPREAD:
+        return (f"the control's spread over its seeds ({control.get('std') or 0.0:.4f}) is below "
+                f"{MIN_CONTROL_SPREAD}: the seeds do not vary the fine-tuning, so it does not measure noise")
+    return None
+
+
 def _difference(stat: dict, control: dict | None) -> str:
     """The arm's mean minus the control's, and how many of the control's standard deviations that is (the spread
-    of fine-tuning alone, over its seeds): a difference within ~2 of them cannot be told from noise."""
+    of fine-tuning alone, over its seeds): a difference within ~2 of them cannot be told from noise. Without a
+    usable spread (`noise_unknown`), the difference alone, marked: noise unknown."""
     if control is None or stat.get("mean") is None or control.get("mean") is None:
         return "–"
     difference = stat["mean"] - control["mean"]
-    spread = control.get("std")
-    return f"{difference:+.4f}" + (f" ({difference / spread:+.1f} σ)" if spread else "")
+    if noise_unknown(control):
+        return f"{difference:+.4f} (noise unknown)"
+    return f"{difference:+.4f} ({difference / control['std']:+.1f} σ)"
 
 
 def plot(report: dict, path: Path) -> None:

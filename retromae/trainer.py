@@ -27,6 +27,7 @@ import torch
 from retromae.config import ConfigError
 from retromae.data.batches import Position
 from retromae.hardware import precision_reason, resolve_precision
+from retromae.interrupt import StopSignals, StopVote, TrainingInterrupted
 from retromae.io import atomic_write_text, replace_directory, share_like_umask
 
 logger = logging.getLogger(__name__)
@@ -366,6 +367,21 @@ class Trainer:
         stream = self.batches.iterate(self.position)
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process,
                         desc=self.objective.name, dynamic_ncols=True)
+        try:
+            with StopSignals(announce=acc.is_main_process) as signals:
+                self._loop(stream, progress, StopVote(acc, signals))
+        finally:
+            progress.close()
+            # The trackers only: accelerator.end_training() would also destroy the process group, which the export
+            # and the final barrier still need (the command line destroys it when the command is done).
+            for tracker in acc.trackers:
+                tracker.finish()
+        return self.history
+
+    def _loop(self, stream, progress, vote) -> None:
+        """The steps up to the end (or train.stop_at_step); after a SIGTERM / SIGINT that the processes agree on
+        (`vote`), a checkpoint and TrainingInterrupted (see retromae.interrupt)."""
+        acc, cfg = self.accelerator, self.cfg
         window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
         stop = min(self.total_steps, self.cfg.stop_at_step or self.total_steps)
         while self.step < stop:
@@ -389,16 +405,16 @@ class Trainer:
                 record = self._log(window_sums, window_counts, window_samples / max(elapsed, 1e-9))
                 progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})
                 window_sums, window_counts, window_start, window_samples = None, None, time.perf_counter(), 0
+            saved = None
             if (cfg.save_steps > 0 and (self.step % cfg.save_steps == 0 or last)) or (last and stop < self.total_steps):
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+            signum = vote()
+            if signum and not last:
+                # the callbacks (a dev evaluation due at this step) are skipped: the grace period is for the
+                # checkpoint
+                raise TrainingInterrupted(signum, self.step, self.total_steps, str(saved or self.save_checkpoint()))
             for callback in self.callbacks:
                 callback(self)
-        progress.close()
-        # The trackers only: accelerator.end_training() would also destroy the process group, which the export
-        # and the final barrier still need (the command line destroys it when the command is done).
-        for tracker in acc.trackers:
-            tracker.finish()
-        return self.history
 
     @property
     def finished(self) -> bool:

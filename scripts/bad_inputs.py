@@ -5,7 +5,8 @@
 A case fails when it gives a traceback, when a bad input is accepted silently (exit 0), when a harmless input is
 refused, when the message does not name what it must (file, line, key ...), or when it changes a file it must
 leave alone. The last line is `failed=<count>`. Runs in-process on a tiny random model and data it builds, in
-under a minute on 2 CPU cores; nothing is downloaded (the hub is never reached: the checks come first).
+about a minute on 2 CPU cores; nothing is downloaded (the hub is never reached: the checks come first; the one
+download case points at a port where no server listens).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -34,11 +36,22 @@ sys.path.insert(0, str(ROOT))
 class Case:
     name: str  # what the user did
     argv: list[str]  # the command line (after `retromae`)
-    expect: str  # "error" (one line, exit 2) | "ok" (accepted)
-    must_say: list[str] = field(default_factory=list)  # regular expressions the message must match
+    expect: str  # "error" (one line, exit 2) | "ok" (accepted) | "warn" (accepted, warned) | "output" (accepted, says)
+    must_say: list[str] = field(default_factory=list)  # regular expressions the message (warning, output) must match
     untouched: Path | None = None  # a folder whose files must not change
     setup: object = None  # called before the case (e.g. to take a lock); returns a cleanup function or None
     cwd: Path | None = None
+
+
+class _Warnings(logging.Handler):
+    """The warnings the toolkit logs during a case (what a "warn" case must say)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def snapshot(folder: Path | None) -> dict:
@@ -56,6 +69,8 @@ def run_case(case: Case) -> dict:
     cwd = os.getcwd()
     started = time.perf_counter()
     code, trace = None, None
+    warned = _Warnings()
+    logging.getLogger("retromae").addHandler(warned)
     try:
         if case.cwd:
             os.chdir(case.cwd)
@@ -66,6 +81,7 @@ def run_case(case: Case) -> dict:
     except BaseException:  # noqa: BLE001 (a traceback is what this script looks for)
         trace = traceback.format_exc()
     finally:
+        logging.getLogger("retromae").removeHandler(warned)
         os.chdir(cwd)
         if cleanup:
             cleanup()
@@ -82,15 +98,19 @@ def run_case(case: Case) -> dict:
         problems.append("accepted silently")
     elif case.expect == "error" and not message:
         problems.append(f"exit {code} without a one-line error")
-    elif case.expect == "ok" and code != 0:
+    elif case.expect != "error" and code != 0:
         problems.append(f"refused (exit {code}): {message}")
     message = message.removeprefix("retromae: error: ")
+    said = {"error": message, "warn": " ".join(warned.messages), "output": out.getvalue()}.get(case.expect, "")
     for pattern in case.must_say:
-        if case.expect == "error" and not trace and not re.search(pattern, message):
-            problems.append(f"message lacks /{pattern}/")
+        if not trace and not re.search(pattern, said):
+            problems.append(f"{'warning' if case.expect == 'warn' else 'message'} lacks /{pattern}/")
     if case.untouched is not None and snapshot(case.untouched) != before:
         problems.append("changed a file")
-    shown = message if case.expect == "error" else "accepted"
+    shown = {"error": message, "warn": "accepted, warned: " + " ".join(warned.messages),
+             "output": "accepted: " + next((line.strip() for line in out.getvalue().splitlines()
+                                            if any(re.search(p, line) for p in case.must_say)), "")
+             }.get(case.expect, "accepted")
     return {"case": case.name, "input": " ".join(case.argv), "result": shown, "problems": problems,
             "seconds": time.perf_counter() - started}
 
@@ -169,6 +189,7 @@ def build_cases(work: Path) -> list[Case]:
     teacher = write("t.tsv", "q0\tdoc0\thigh\n")
     P, E = "pretrain", "evaluate"
     ev = ["--model", str(model), "--precision", "no"]
+    issue19 = issue19_inputs(work, model, task, corpus, recipe, write, copy_task)
     return [
         # ---- issue 9: tracebacks instead of one-line errors
         Case("model folder that does not exist", [P, recipe("m1", model={"name_or_path": "runs/nothing/model"})],
@@ -252,7 +273,94 @@ def build_cases(work: Path) -> list[Case]:
                                                     f"data.teacher_scores={teacher}",
                                                     "dev.dataset=null", f"train.output_dir={work / 'ft3'}"],
              "error", [r"t\.tsv:1: score 'high' is not a number"]),
+        *issue19,
     ]
+
+
+def issue19_inputs(work: Path, model: Path, task: Path, corpus: Path, recipe, write, copy_task) -> list[Case]:
+    """A newcomer's first hour (issue 19): inputs that gave a traceback or a silent wrong result."""
+    import shutil
+
+    import datasets
+
+    weights_only = work / "weights_only"  # a model folder whose tokenizer files were not copied
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model / name, weights_only / name)
+    saved = work / "saved_dataset"
+    datasets.Dataset.from_dict({"body": ["a text", "another text"] * 20}).save_to_disk(str(saved))
+    greek = write("greek.txt", "Η γρήγορη καφέ αλεπού πηδάει πάνω από το τεμπέλικο σκυλί και τρέχει μακριά\n" * 40)
+    zwsp_jsonl = write("zwsp.jsonl", corpus.read_text() + json.dumps({"text": "\u200b\u200b"}) + "\n")
+    zwsp_txt = write("zwsp.txt", "".join(json.loads(line)["text"] + "\n\u200b\n" for line in
+                                         corpus.read_text().splitlines()[:60]))
+    other_ids = copy_task("other_ids", {"qrels/test.tsv": "query-id\tcorpus-id\tscore\nq0\tMED-10\t1\nq1\tMED-11\t1\n"})
+    pairs = write("pairs.tsv", "what is a cat\ta small animal\njust one column here\n")
+    study = tiny_study(work, model, task, write)
+    P, E, F = "pretrain", "evaluate", "finetune"
+    ev = ["--model", str(model), "--precision", "no"]
+    ft = [F, str(ROOT / "finetune" / "own_data.yaml"), f"model.name_or_path={model}", f"data.train={task}",
+          "train.mixed_precision=no", "train.report_to=none"]
+    return [
+        Case("model folder without tokenizer files (pretrain)", [P, recipe("notok", model={"name_or_path": str(
+            weights_only)})], "error", [r"weights_only': the folder .* holds no tokenizer"]),
+        Case("model folder without tokenizer files (evaluate)", [E, "--model", str(weights_only), "--dataset",
+                                                                 str(task)], "error",
+             [r"--model='.*weights_only': the folder .* holds no tokenizer"]),
+        Case("model folder without tokenizer files (fine-tuning)", [F, str(ROOT / "finetune" / "own_data.yaml"),
+                                                                    f"model.name_or_path={weights_only}",
+                                                                    f"data.train={task}"], "error",
+             [r"holds no tokenizer"]),
+        Case("a BEIR folder as data.corpus", [P, recipe("folder", data={"corpus": [str(task)]})], "error",
+             [r"task: is a folder, not a corpus file; give the corpus file in it: data\.corpus=\[.*corpus\.jsonl\]"]),
+        Case("a dataset folder without the text field", [P, recipe("hfdir", data={"corpus": [str(saved)]})],
+             "error", [r"saved_dataset row 0: no 'text' field \(fields: body\)"]),
+        Case("data.max_len above the model's positions", [P, recipe("long", data={"max_len": 2048})], "error",
+             [r"data\.max_len=2048 is more than the 128 positions of model"]),
+        Case("--passage-max-len above the model's positions", [E, *ev, "--dataset", str(task), "--passage-max-len",
+                                                               "2048"], "error",
+             [r"--passage-max-len=2048 is more than the 128 positions"]),
+        Case("--query-max-len above the model's positions (suite)", [E, *ev, "--suite", str(
+            ROOT / "eval" / "local.yaml"), "--query-max-len", "512"], "error",
+             [r"--query-max-len=512 is more than the 128 positions"]),
+        Case("data.passage_max_len above the model's positions (fine-tuning)",
+             [*ft, "data.passage_max_len=1024", f"train.output_dir={work / 'ft_long'}"], "error",
+             [r"data\.passage_max_len=1024 is more than the 128 positions"]),
+        Case("judgements that name no document of the corpus", [E, *ev, "--dataset", other_ids], "error",
+             [r"test\.tsv:2: none of the 2 judgements names a document of the corpus \(e\.g\. 'MED-10'\)"]),
+        Case("a line of zero-width spaces in JSON lines", [P, recipe("zwsp", data={"corpus": [zwsp_jsonl]})],
+             "error", [r"zwsp\.jsonl:201: empty text \(only invisible characters"]),
+        Case("lines of zero-width spaces in plain text (blank lines)", [P, recipe("zwsptxt", data={
+            "corpus": [zwsp_txt]})], "ok"),
+        Case("a corpus the tokenizer cannot read", [P, recipe("greek", data={"corpus": [greek]})], "warn",
+             [r"greek\.txt: \d+\.\d% of the tokens of 40 sampled texts are \[UNK\]"]),
+        Case("a study whose control has 2 seeds", ["study", study], "output",
+             [r"\| BM25 \(reference\) \|.*\(noise unknown\) \|", r"σ: not given, noise unknown: the control has 2 seed"]),
+        Case("a suite that finds none of its datasets", [E, *ev, "--suite", str(ROOT / "eval" / "local.yaml")],
+             "error", [r"none of its datasets \(nfcorpus, cranfield, cisi, medline, adi\) is under",
+                       r"`retromae data get nfcorpus`"]),
+        Case("retromae data get: a misspelt name", ["data", "get", "nfcorpu"], "error",
+             [r"nfcorpu: not a dataset `retromae data get` knows\. Did you mean 'nfcorpus'\?"]),
+        Case("retromae data get: a BEIR dataset that is not public", ["data", "get", "bioasq"], "error",
+             [r"bioasq: a BEIR dataset that is not public"]),
+        Case("retromae data get: no server answers", ["data", "get", "scifact", "--root", str(work / "data"),
+                                                      "--mirror", "http://127.0.0.1:9"], "error",
+             [r"scifact\.zip: download failed \(.*refused.*\)"], untouched=work / "data"),
+        Case("retromae data pairs: a line without a tab", ["data", "pairs", pairs, "--output", str(work / "mine")],
+             "error", [r"pairs\.tsv:2: expected 'query<TAB>passage', got 1 tab-separated column"]),
+    ]
+
+
+def tiny_study(work: Path, model: Path, task: Path, write) -> str:
+    """A study of the control alone, 2 seeds of 1 fine-tuning step each, on the tiny model."""
+    finetune = write("study_ft.yaml", json.dumps({
+        "data": {"train": str(task), "group_size": 1, "query_max_len": 24, "passage_max_len": 32},
+        "loss": {"similarity": "cosine", "pooling": "mean"},
+        "train": {"per_device_batch_size": 8, "max_steps": 1, "report_to": "none", "mixed_precision": "no"}}))
+    suite = write("study_suite.yaml", f"name: s\ndata_root: {task.parent}\ndatasets: [{task.name}]\n"
+                  "search:\n  metrics: [ndcg@10]\nencode:\n  precision: 'no'\n")
+    return write("study.yaml", json.dumps({
+        "name": "two seeds", "output_dir": str(work / "study"), "model": str(model), "finetune": finetune,
+        "suite": suite, "arms": [{"name": "control", "objective": None, "seeds": [1, 2]}]}))
 
 
 def main() -> int:
@@ -261,14 +369,15 @@ def main() -> int:
     args = parser.parse_args()
     import logging
 
-    logging.disable(logging.WARNING)  # the table is the output
+    logging.disable(logging.INFO)  # the table is the output (warnings are read by "warn" cases)
     with tempfile.TemporaryDirectory(prefix="retromae-bad-inputs-") as tmp:
         work = Path(tmp)
+        os.environ["RETROMAE_DATA"] = str(work / "no_data")  # the recipes' data root: nothing in it
         rows = [run_case(case) for case in build_cases(work)]
     lines = ["| case | outcome | message (one line) |", "|---|---|---|"]
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAILED: " + "; ".join(r["problems"])
-        message = r["result"].replace(str(work), "<tmp>").replace("|", "\\|")
+        message = r["result"].replace(str(work), "<tmp>").replace(os.getcwd(), "<cwd>").replace("|", "\\|")
         lines.append(f"| {r['case']} | {verdict} | {message} |")
     failed = sum(1 for r in rows if r["problems"])
     table = "\n".join(lines)

@@ -20,6 +20,9 @@ from retromae.tiny import make_tiny_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BEIR = SHARED / "data" / "beir"
+# the recipes' ${RETROMAE_DATA}: the project's machines keep the local collections in ../shared/data
+if (SHARED / "data").is_dir():
+    os.environ.setdefault("RETROMAE_DATA", str(SHARED / "data"))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,8 @@ def test_bad_corpus_line_is_reported(tmp_path, tiny_model, capsys):
     corpus.write_text('{"text": "fine"}\n{"title": "no text here"}\n')
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model)}, "data": {"corpus": [str(corpus)],
-                                  "cache_dir": str(tmp_path / "cache")}, "train": {"output_dir": str(tmp_path / "o")}}))
+                                  "max_len": 64, "cache_dir": str(tmp_path / "cache")},
+                                  "train": {"output_dir": str(tmp_path / "o")}}))
     assert main(["pretrain", str(recipe)]) == 2
     assert "c.jsonl:2: no 'text' field (fields: title); set data.text_field" in capsys.readouterr().err
 

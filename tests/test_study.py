@@ -56,8 +56,9 @@ def test_two_arm_study_end_to_end_and_resume(tiny_model, corpus_file, beir_task,
     control, retromae = report["arms"]["control"]["average"], report["arms"]["retromae"]["average"]
     difference = retromae["mean"] - control["mean"]
     row = next(line for line in table.splitlines() if line.startswith("| retromae |"))
-    assert row.endswith(f"| {difference:+.4f} ({difference / control['std']:+.1f} σ) |"), row
-    assert next(line for line in table.splitlines() if line.startswith("| control |")).endswith("| +0.0000 (+0.0 σ) |")
+    # 2 control seeds do not measure the noise: the difference is given without a multiple of their spread
+    assert row.endswith(f"| {difference:+.4f} (noise unknown) |"), row
+    assert "σ: not given, noise unknown: the control has 2 seed(s)" in table
     # resume: finished cells are not run again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     (out / "retromae" / "seed1" / "results.json").unlink()  # this cell's models are kept: only evaluated again
@@ -91,3 +92,30 @@ def test_a_study_under_a_two_process_launch_keeps_its_bm25_row(tiny_model, corpu
         record = json.loads((out / arm / "seed1" / "results.json").read_text())
         assert record["rows"], f"{arm}: the main process's results, with its rows"
     assert not list(out.rglob("*.tmp*")), "nothing half-written"
+
+
+def _cells(control: list[float], arm: float) -> list[dict]:
+    return [{"arm": "control", "seed": i, "rows": {"d": {"ndcg@10": v}}} for i, v in enumerate(control)] + [
+        {"arm": "x", "seed": 1, "rows": {"d": {"ndcg@10": arm}}}]
+
+
+def test_control_spread_is_used_only_when_it_measures_noise():
+    from retromae.study import ArmConfig, StudyConfig, summarize
+
+    cfg = StudyConfig(finetune="f.yaml", pretrain="p.yaml", arms=[ArmConfig("control"), ArmConfig("x", {"name": "mlm"})])
+    baselines = {"bm25": {"d": {"ndcg@10": 0.8}}}
+
+    def row(report, label):
+        return next(line for line in report["table"].splitlines() if line.startswith(f"| {label} |"))
+
+    # the case: 2 seeds 0.001 apart; BM25 0.383 above their mean was reported as "+383.3 σ"
+    two = summarize(cfg, _cells([0.4165, 0.4175], 0.43), baselines)
+    assert row(two, "BM25 (reference)").endswith("| +0.3830 (noise unknown) |")
+    assert "σ" not in row(two, "x") and two["noise_unknown"].startswith("the control has 2 seed(s)")
+    # 3 seeds 0.40, 0.41, 0.42: std 0.01 (by hand: deviations -0.01, 0, 0.01; sum of squares 2e-4 / 2 = 1e-4)
+    three = summarize(cfg, _cells([0.40, 0.41, 0.42], 0.43), baselines)
+    assert row(three, "x").endswith("| +0.0200 (+2.0 σ) |") and three["noise_unknown"] is None
+    assert "noise unknown" not in three["table"]
+    # 3 seeds that agree exactly: the seed does not vary fine-tuning, so there is no noise estimate
+    same = summarize(cfg, _cells([0.41, 0.41, 0.41], 0.43), baselines)
+    assert row(same, "x").endswith("| +0.0200 (noise unknown) |") and "below 0.001" in same["noise_unknown"]

@@ -38,6 +38,17 @@ class TextFields:
         return f"{title}{self.title_separator}{text}" if title else text
 
 
+# Characters that show nothing and that str.strip() keeps: a text of only these (and white space) is empty.
+INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\u180e\ufeff\u00ad"
+_DROP_INVISIBLE = str.maketrans("", "", INVISIBLE)
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: white space, zero-width spaces and joiners, direction marks, invisible operators,
+    byte-order marks, soft hyphens."""
+    return not text.translate(_DROP_INVISIBLE).strip()
+
+
 def not_found(path: str | Path, what: str = "file") -> str:
     """'PATH: file not found', saying what a relative path was taken relative to."""
     where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
@@ -55,10 +66,20 @@ def detect_format(path: str) -> str:
     if not os.path.exists(path):
         raise CorpusError(not_found(path) + "; for a Hugging Face dataset by name, set data.format=hf")
     if os.path.isdir(path):
-        return "hf"
+        return _folder_format(path)
     raise CorpusError(
         f"{path}: cannot tell the format from the file name; set data.format to jsonl, text, tsv or hf"
     )
+
+
+def _folder_format(path: str) -> str:
+    """A folder given as a corpus is read as a Hugging Face dataset, unless it is a retrieval folder (BEIR,
+    MS MARCO), whose corpus is one file in it: that file is named."""
+    for name in ("corpus.jsonl", "corpus.jsonl.gz", "collection.tsv"):
+        if os.path.isfile(os.path.join(path, name)):
+            raise CorpusError(f"{path}: is a folder, not a corpus file; give the corpus file in it: "
+                              f"data.corpus=[{os.path.join(path, name)}]")
+    return "hf"
 
 
 def _lines(path: str, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[tuple[int, str]]:
@@ -156,17 +177,23 @@ def _record_text(record: dict, fields: TextFields, where: str) -> str | None:
     if title is not None and not isinstance(title, str):
         raise CorpusError(f"{where}: field '{fields.title_field}' is {type(title).__name__}, not a string")
     joined = fields.join(title, text).strip()
-    if not joined:
+    if is_blank(joined):
         if fields.skip_empty:
             return None
-        raise CorpusError(f"{where}: empty text; remove it, or set data.skip_empty=true to skip empty texts")
+        raise CorpusError(f"{where}: empty text{_invisible_note(joined)}; remove it, or set data.skip_empty=true to "
+                          "skip empty texts")
     return joined
+
+
+def _invisible_note(text: str) -> str:
+    return " (only invisible characters such as zero-width spaces)" if text else ""
 
 
 def read_text(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
     for _, line in lines if lines is not None else _lines(path):
-        # a blank line is no text; where rows are joined into documents, it ends one (as between books)
-        yield (line.strip(), None) if line.strip() else BOUNDARY
+        # a blank line (or one of only zero-width spaces) is no text; where rows are joined into documents, it
+        # ends one (as between books)
+        yield BOUNDARY if is_blank(line) else (line.strip(), None)
 
 
 def read_tsv(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
@@ -190,11 +217,11 @@ def read_tsv(path: str, fields: TextFields, lines=None) -> Iterator[Row]:
                 f"{fields.tsv_text_column}, data.tsv_title_column={fields.tsv_title_column} point past them"
             ) from None
         joined = fields.join(title, text).strip()
-        if not joined:
+        if is_blank(joined):
             if fields.skip_empty:
                 continue
-            raise CorpusError(f"{path}:{number}: empty text; remove it, or set data.skip_empty=true to skip empty "
-                              "texts")
+            raise CorpusError(f"{path}:{number}: empty text{_invisible_note(joined)}; remove it, or set "
+                              "data.skip_empty=true to skip empty texts")
         yield joined, None
 
 
@@ -252,9 +279,10 @@ def read_rows(source: str, kind: str, fields: TextFields, hf_config: str | None 
     raise CorpusError(f"data.format={kind!r} is not one of {', '.join(FORMATS)}")
 
 
-def check_sources(sources: list[str], fmt: str = "auto") -> None:
-    """Stop at once, before any model loads, if a corpus file is missing (Hugging Face datasets are checked when
-    they are opened)."""
+def check_sources(sources: list[str], fmt: str = "auto", fields: TextFields | None = None,
+                  hf_config: str | None = None, hf_split: str = "train") -> None:
+    """Stop at once, before any model loads, if a corpus file is missing, or (with `fields`) if a Hugging Face
+    dataset's first row has no text field (which `datasets` reports as a traceback deep in the preparation)."""
     if not sources:
         raise CorpusError("data.corpus is empty: give one or more files (jsonl, txt, tsv) or a Hugging Face dataset")
     for source in sources:
@@ -262,6 +290,29 @@ def check_sources(sources: list[str], fmt: str = "auto") -> None:
         if kind != "hf" and not os.path.isfile(source):
             raise CorpusError(not_found(source) if not os.path.isdir(source)
                               else f"{source}: is a directory, not a corpus file")
+        if kind == "hf" and fields is not None:
+            _check_hf_fields(source, fields, hf_config, hf_split)
+
+
+def _check_hf_fields(source: str, fields: TextFields, hf_config: str | None, hf_split: str) -> None:
+    """The first row of a Hugging Face dataset (streamed: nothing is prepared) has the text field."""
+    first = next(iter(open_hf(source, hf_config, hf_split, streaming=True)), None)
+    if first is None:
+        raise CorpusError(f"{source}: the Hugging Face dataset has no rows (split {hf_split!r})")
+    if fields.text_field not in first:
+        raise CorpusError(f"{source} row 0: no '{fields.text_field}' field (fields: {', '.join(map(str, first))}); "
+                          "set data.text_field to the field that holds the text")
+
+
+def sample_texts(sources: list[str], fmt: str, fields: TextFields, per_source: int, hf_config: str | None = None,
+                 hf_split: str = "train") -> Iterator[tuple[str, list[str]]]:
+    """(source, its first `per_source` texts) for every source: a cheap look at what the corpus holds."""
+    import itertools
+
+    for source in sources:
+        kind = detect_format(source) if fmt == "auto" else fmt
+        rows = read_rows(source, kind, fields, hf_config, hf_split)
+        yield source, [t for t, _ in itertools.islice((r for r in rows if r[0] is not None), per_source)]
 
 
 def source_signature(sources: list[str]) -> list:

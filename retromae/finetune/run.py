@@ -233,8 +233,15 @@ def preflight(cfg: FinetuneConfig) -> None:
     from retromae.data.corpus import CorpusError, not_found
     from retromae.modeling import check_model_source
 
+    from retromae.inputs import check_lengths, check_tokenizer_files, model_position_limit
+
     check_model_source(cfg.model.name_or_path)
+    check_tokenizer_files(cfg.model.tokenizer or cfg.model.name_or_path,
+                          "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     d = cfg.data
+    limit = model_position_limit(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+    check_lengths({"data.query_max_len": d.query_max_len, "data.passage_max_len": d.passage_max_len}, limit,
+                  cfg.model.name_or_path)
     if not d.train:
         raise ConfigError("data.train is empty: give the training data (a folder or a file)")
     if d.format != "hf" and not Path(d.train).exists():

@@ -9,6 +9,7 @@ Runs on the main process (the others of a launch skip it): BM25 on a BEIR collec
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +30,17 @@ def is_bm25(model: str) -> bool:
     return str(model).lower() in BM25_NAMES
 
 
-def _tokenize(texts, cfg: BM25Config, stemmer):
+def _bm25s():
+    """The bm25s module, its logger at WARNING: bm25s sets it to DEBUG when imported, and its "Building index from
+    IDs objects" line reached the user's screen."""
     import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def _tokenize(texts, cfg: BM25Config, stemmer):
+    bm25s = _bm25s()
 
     return bm25s.tokenize(list(texts), stopwords=cfg.stopwords, stemmer=stemmer, show_progress=False)
 
@@ -38,7 +48,7 @@ def _tokenize(texts, cfg: BM25Config, stemmer):
 def bm25_search(documents, queries: list[str], k: int, cfg: BM25Config | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, document positions), each (Q, k), best first."""
-    import bm25s
+    bm25s = _bm25s()
 
     cfg = cfg or BM25Config()
     stemmer = None

@@ -101,6 +101,12 @@ def build_qrels(rows, path: Path, corpus: Collection, queries: dict) -> dict[str
         raise CorpusError(f"{path}: no judgements, so there is no query to evaluate")
     judged = [(qid, doc) for qid, docs in qrels.items() for doc in docs]
     missing = int((corpus.positions([d for _, d in judged]) < 0).sum())
+    if missing == len(judged):
+        # not ArguAna's few strays: these judgements are for another corpus (or name its documents otherwise)
+        number, _, doc_id, _ = next(iter(rows))
+        raise CorpusError(f"{path}:{number}: none of the {len(judged)} judgements names a document of the corpus "
+                          f"(e.g. {doc_id!r}), so every score would be 0; are these judgements for another corpus, "
+                          "or are its document ids written differently?")
     if missing:
         example = next(d for d, p in zip((d for _, d in judged), corpus.positions([d for _, d in judged])) if p < 0)
         logger.warning("%s: %d of %d judgements name documents that are not in the corpus (e.g. %r); kept, as BEIR "
@@ -185,8 +191,13 @@ def load_beir_hub(name: str, split: str = "test") -> RetrievalData:
 
 
 def load_dataset(name_or_path: str, split: str | None = None, title_separator: str = " ") -> RetrievalData:
-    """A local BEIR folder, a local MS MARCO folder (collection.tsv ...), or a BEIR dataset on the hub."""
+    """A local BEIR folder, a local MS MARCO folder (collection.tsv ...), a dataset `retromae data get` put under
+    the data root (by its name: nfcorpus, msmarco-passage ...), or a BEIR dataset on the hub."""
+    from retromae.data.download import target_folder
+
     path = Path(name_or_path)
+    if not path.is_dir() and "/" not in name_or_path and target_folder(name_or_path).is_dir():
+        path = target_folder(name_or_path)
     if path.is_dir():
         if (path / "collection.tsv").is_file():
             return load_msmarco_folder(path, split or "dev.small", title_separator)
@@ -197,8 +208,10 @@ def load_dataset(name_or_path: str, split: str | None = None, title_separator: s
         raise CorpusError(not_found(name_or_path, "folder"))
     offline = hub_unreachable()
     if offline:
-        raise CorpusError(f"{name_or_path}: no local folder of that name (relative to {os.getcwd()}), and the Hugging "
-                          f"Face hub, where BEIR datasets are looked up by name, cannot be used ({offline})")
+        raise CorpusError(f"{name_or_path}: no local folder of that name (relative to {os.getcwd()}) nor at "
+                          f"{target_folder(name_or_path)}, and the Hugging Face hub, where BEIR datasets are looked up "
+                          f"by name, cannot be used ({offline}); `retromae data get {name_or_path}` downloads a BEIR "
+                          "dataset into the data root")
     return load_beir_hub(name_or_path, split or "test")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retromae.config import ConfigError, build, load_yaml
+from retromae.config import ConfigError, build, data_root as default_data_root, load_yaml
 from retromae.data.corpus import CorpusError
 from retromae.io import atomic_write_text
 from retromae.retrieval.data import RetrievalData, load_dataset, write_trec_run
@@ -271,6 +271,8 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     work = make_scratch(root, "retromae-eval-") if state.num_processes == 1 else _shared_work_dir(state, root)
     try:
         encoder = encoder or make_encoder(model, encode_cfg, search, state.device)
+        if state.is_main_process:
+            warn_if_unreadable_once(encoder.tokenizer, data, search.title_separator)
         sparsity = None
         if search.representation == "splade":  # learned sparse retrieval: retrieval/sparse.py
             from retromae.retrieval.sparse import sparse_run
@@ -303,6 +305,24 @@ def evaluate_model(model: str, dataset: str | RetrievalData, split: str | None =
     if search.layers and output:
         write_matryoshka(result, search, Path(output))
     return result
+
+
+_READABILITY_CHECKED: set = set()
+
+
+def warn_if_unreadable_once(tokenizer, data: RetrievalData, title_separator: str) -> None:
+    """`retromae.inputs.warn_if_unreadable` on an evenly spaced sample of the corpus, once per collection and
+    tokenizer in a process (a dev set scored every N steps is looked at once)."""
+    from retromae.inputs import SAMPLE_TEXTS, warn_if_unreadable
+
+    key = (json.dumps(data.sources, sort_keys=True), getattr(tokenizer, "name_or_path", id(tokenizer)))
+    if tokenizer is None or key in _READABILITY_CHECKED:
+        return
+    _READABILITY_CHECKED.add(key)
+    _, texts = data.passages(title_separator)
+    step = max(1, len(texts) // SAMPLE_TEXTS)
+    warn_if_unreadable(tokenizer, [texts[i] for i in range(0, len(texts), step)][:SAMPLE_TEXTS],
+                       data.sources.get("corpus", data.name))
 
 
 def matryoshka_table(result: dict, search: SearchConfig, metric: str | None = None) -> str:
@@ -384,7 +404,7 @@ def format_table(rows: list[dict], metrics: list[str], first: str = "dataset") -
 @dataclass
 class SuiteConfig:
     name: str = "suite"  # printed in the table's title
-    data_root: str = "../shared/data/beir"  # folder holding one sub-folder per dataset (BEIR layout)
+    data_root: str = field(default_factory=lambda: str(default_data_root() / "beir"))  # one folder per dataset
     split: str | None = None  # qrels split (null: test for BEIR, dev.small for MS MARCO)
     datasets: list[str] = field(default_factory=list)  # sub-folders of data_root to evaluate
     groups: dict = field(default_factory=dict)  # name -> sub-folders averaged into one row (CQADupStack)
@@ -413,6 +433,7 @@ def make_encoder(model: str, encode: EncodeConfig, search: SearchConfig, device)
 
 def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tuple[list[dict], str]:
     """Evaluate every dataset of the suite found locally; skip (with a message) what is not there."""
+    from retromae.data.download import get_command
     from retromae.distributed import process_state
 
     root = Path(suite.data_root)
@@ -425,10 +446,12 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
     say = (lambda text: print(text, flush=True)) if main else (lambda text: None)  # noqa: E731
     entries = [(name, [root / name]) for name in suite.datasets]
     entries += [(name, [root / name / part for part in parts]) for name, parts in suite.groups.items()]
+    evaluated = 0
     for name, folders in entries:
         missing = [f for f in folders if not f.is_dir()]
         if missing:
-            notes.append(f"skipped {name}: not found at {missing[0]} (put the BEIR folder there, or set data_root)")
+            notes.append(f"skipped {name}: not found at {missing[0]} ({get_command([folders[0]])}, or set "
+                         "data_root)")
             say(notes[-1])
             continue
         results = []
@@ -444,11 +467,14 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
             if not is_bm25(model):
                 encoder = encoder or make_encoder(model, suite.encode, suite.search, process_state().device)
             results.append(evaluate_model(model, data, suite.split, suite.encode, suite.search, encoder=encoder))
+        evaluated += bool(results)  # counted on every process (the others get None as results)
         if not results or results[0] is None:  # non-main processes get None
             continue
         row = {"dataset": name, **{m: statistics.mean(r[m] for r in results) for m in suite.search.metrics}}
         rows.append(row)
         say(f"{name}: " + "  ".join(f"{m} {row[m]:.4f}" for m in suite.search.metrics))
+    if not evaluated:
+        raise CorpusError(empty_suite_message(suite, entries, notes))
     table = f"### {suite.name}: {model}\n\n" + format_table(rows, suite.search.metrics)
     if rows:
         mean_row = {"dataset": f"**average ({len(rows)} of {len(entries)})**",
@@ -459,6 +485,22 @@ def run_suite(model: str, suite: SuiteConfig, output: str | None = None) -> tupl
     if output and main:
         atomic_write_text(output, table)
     return rows, table
+
+
+def empty_suite_message(suite: SuiteConfig, entries: list, notes: list[str]) -> str:
+    """One line: what the suite looked for, where, and how to get it."""
+    from retromae.data.download import get_command
+
+    names = [name for name, _ in entries]
+    if not names:
+        return f"suite {suite.name!r} names no dataset (datasets: [...] in its file)"
+    unreadable = [n for n in notes if "not found at" not in n]
+    if unreadable:
+        return f"suite {suite.name!r}: no dataset could be evaluated; " + "; ".join(unreadable)
+    root = Path(suite.data_root)
+    where = str(root) if root.is_absolute() else f"{root} (relative to {Path.cwd()})"
+    return (f"suite {suite.name!r}: none of its datasets ({', '.join(names)}) is under {where}; "
+            f"{get_command([root / n for n in names])}, or point --data-root at a folder that holds them")
 
 
 def check_metrics(metrics: list[str]) -> None:
