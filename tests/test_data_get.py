@@ -2,7 +2,6 @@
 layouts (BEIR's zip of a dataset folder, MS MARCO's collectionandqueries.tar.gz); what it writes is what the recipes
 and suites read under $RETROMAE_DATA. And `retromae data pairs`: a task from one's own pairs."""
 
-import functools
 import gzip
 import hashlib
 import http.server
