@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Mutation testing (docs/mutation.md): every module, or one with MODULE=masking; about an hour on 2 cores.
+mutants: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	$(PY) scripts/mutants.py $(MODULE) --write
 
 bench: $(STAMP)
 	$(PY) scripts/bench_pretrain.py

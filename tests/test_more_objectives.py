@@ -512,3 +512,22 @@ def test_layer_and_dim_evaluation_encodes_once_and_scores_every_pair(tiny_model,
     assert grid["ndcg@10"] == grid["matryoshka"]["2x32"]["ndcg@10"]
     assert (tmp_path / "grid.matryoshka.png").stat().st_size > 1000
     assert "| 1 | " in (tmp_path / "grid.matryoshka.md").read_text()
+    # the (layer, 8) cells rank by the FIRST 8 coordinates of that layer's own vector: written out with numpy
+    from retromae.retrieval.data import load_beir_folder
+    from retromae.retrieval.encoder import TextEncoder
+    from retromae.retrieval.metrics import evaluate
+
+    import numpy as np
+
+    data = load_beir_folder(beir_task, "test")
+    ids, texts = data.passages(" ")
+    qids = list(data.queries)
+    encoder = TextEncoder(str(tiny_model), cfg, device="cpu").with_layers([1, 2])
+    docs = encoder.encode(texts, "passage", show_progress=False)
+    queries = encoder.encode([data.queries[q] for q in qids], "query", show_progress=False)
+    for i, layer in enumerate([1, 2]):
+        first = slice(32 * i, 32 * i + 8)  # layer i's block of 32, its first 8 coordinates
+        scores = queries[:, first] @ docs[:, first].T
+        run = {q: {ids[j]: float(scores[n, j]) for j in np.argsort(-scores[n])[:100]} for n, q in enumerate(qids)}
+        expected = evaluate(data.qrels, run, ["ndcg@10"])[0]["ndcg@10"]
+        assert grid["matryoshka"][f"{layer}x8"]["ndcg@10"] == pytest.approx(expected, abs=1e-6), (layer, expected)

@@ -1,0 +1,146 @@
+"""Mutation testing of the rules that define each method: `make mutants` (every module) or `make mutants
+MODULE=masking` (one). Not part of `make test`: a full run takes about an hour on a 2-core machine.
+
+mutmut 3 does the work: it writes every mutant of a module (an operator flipped, a constant changed, an argument
+dropped) beside the source, runs the module's own fast tests once to learn which tests reach which function, then
+runs, for each mutant, only those tests. A mutant the tests pass is a rule nothing pins. Each module runs in its own
+copy of the project under `.mutmut/MODULE/` (mutmut keeps its state there, so a second run only re-checks what
+changed), with a `[tool.mutmut]` section written for that module alone: mutmut reads one configuration per folder,
+and one module's test selection must not pay for another's.
+
+Mutants that change nothing observable (equivalent mutants) are listed in `docs/mutation.md` with the reason; they
+are counted apart. The script prints one table row per module (killed / non-equivalent mutants) and, with
+`--write`, puts the table into docs/mutation.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "mutation.md"
+BEGIN, END = "<!-- mutants:begin -->", "<!-- mutants:end -->"
+
+# module name -> (the files mutated, the fast tests that pin their rules)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "objectives": (["retromae/objectives/*.py"],
+                   ["tests/test_objective_rules.py", "tests/test_retromae_objective.py", "tests/test_more_objectives.py",
+                    "tests/test_objective_family.py", "tests/test_lexmae.py"]),
+    "masking": (["retromae/masking.py"], ["tests/test_masking.py", "tests/test_retromae_objective.py"]),
+    "finetune-model": (["retromae/finetune/model.py"], ["tests/test_finetune.py", "tests/test_sparse.py"]),
+    "metrics": (["retromae/retrieval/metrics.py"], ["tests/test_metrics.py"]),
+    "search": (["retromae/retrieval/search.py", "retromae/retrieval/index.py"],
+               ["tests/test_index.py", "tests/test_retrieval.py"]),
+    "evaluate": (["retromae/retrieval/evaluate.py", "retromae/retrieval/hybrid.py"],
+                 ["tests/test_retrieval.py", "tests/test_index.py", "tests/test_cli.py"]),
+}
+
+
+def equivalent_mutants() -> dict[str, str]:
+    """Mutant name -> why it changes nothing observable, read from docs/mutation.md's list ("- `name`: reason")."""
+    if not DOC.exists():
+        return {}
+    return dict(re.findall(r"^- `([\w.]+__mutmut_\d+)`: (.+)$", DOC.read_text(encoding="utf-8"), re.M))
+
+
+def prepare_copy(name: str) -> Path:
+    """`.mutmut/NAME/`: the library, the tests and a pyproject.toml whose [tool.mutmut] section selects this module."""
+    files, tests = MODULES[name]
+    work = ROOT / ".mutmut" / name
+    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("retromae", "tests"):
+        shutil.copytree(ROOT / folder, work / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pytest_ini = project["tool"]["pytest"]["ini_options"]
+    section = "\n".join([
+        "[tool.pytest.ini_options]",
+        f"markers = {pytest_ini['markers']!r}".replace("'", '"'),
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["retromae"]',
+        f"only_mutate = {files!r}".replace("'", '"'),
+        # the fast tests only: multi-process launches run the installed package, not the mutant
+        f"pytest_add_cli_args_test_selection = {tests!r}".replace("'", '"'),
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]',
+        "",
+    ])
+    (work / "pyproject.toml").write_text(section, encoding="utf-8")
+    return work
+
+
+def run_module(name: str, max_children: int) -> Counter:
+    work = prepare_copy(name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    mutmut = Path(sys.executable).with_name("mutmut")
+    subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
+    shown = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    return tally(shown, equivalent_mutants())
+
+
+def tally(results: str, equivalent: dict[str, str]) -> Counter:
+    """Count `mutmut results --all true` lines ("    name: status"), equivalent mutants apart; survivors listed."""
+    counts = Counter()
+    for mutant, status in re.findall(r"^\s*([\w.]+__mutmut_\d+): (.+)$", results, re.M):
+        if mutant in equivalent:
+            counts["equivalent"] += 1
+            continue
+        counts[status.strip()] += 1
+        if status.strip() != "killed":
+            print(f"  {status.strip()}: {mutant}")
+    return counts
+
+
+def row(name: str, counts: Counter) -> str:
+    """One table row: killed over the non-equivalent mutants (a timeout counts as killed, as mutmut counts it)."""
+    killed = counts["killed"] + counts["timeout"]
+    total = sum(v for k, v in counts.items() if k != "equivalent")
+    share = killed / total if total else 0.0
+    rest = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()) if k not in ("killed", "timeout", "equivalent"))
+    return (f"| {name} | {total + counts['equivalent']} | {counts['equivalent']} | {killed} / {total} | "
+            f"**{share:.1%}** | {rest or '-'} |")
+
+
+def write_table(rows: dict[str, str]) -> None:
+    """Replace the rows of the modules just run in docs/mutation.md's table, keeping the others."""
+    text = DOC.read_text(encoding="utf-8")
+    head, rest = text.split(BEGIN)
+    table, tail = rest.split(END)
+    kept = {line.split("|")[1].strip(): line for line in table.strip().splitlines()[2:]}
+    kept.update(rows)
+    lines = ["| module | mutants | equivalent | killed / non-equivalent | share | not killed |",
+             "|---|---|---|---|---|---|"] + [kept[m] for m in MODULES if m in kept]
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
+    tmp.replace(DOC)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--write", action="store_true", help="put the rows into docs/mutation.md")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
+    rows = {}
+    for name in args.modules or list(MODULES):
+        rows[name] = row(name, run_module(name, args.max_children))
+        print(rows[name], flush=True)
+    if args.write:
+        write_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
