@@ -55,3 +55,89 @@ def test_seed_reference_decoder_has_its_own_positions_and_a_plain_tied_projectio
     assert losses["decoder"].item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigError, match="decoder_projection='plain' is not one of"):
         make(tiny_model, "seed", decoder_projection="plain")
+
+
+# ----- CoT-MAE: the authors' span cut, crop and overlapping partner -------------------------------------------
+
+
+def span_tokens_of(batch, tokenizer, row):
+    """A span row's ordinary tokens (its [CLS] and [SEP] checked and dropped)."""
+    spans = batch["spans"]
+    ids = spans["input_ids"][row][spans["attention_mask"][row].bool()].tolist()
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    return ids[1:-1]
+
+
+def test_cotmae_reference_cut_closes_after_the_crossing_sentence_crops_and_always_overlaps(tiny_model):
+    """At T = 8 (no short targets) the authors' loop adds sentences until the span EXCEEDS 8 tokens, that sentence
+    included; a span longer than 8 is cropped to 8 consecutive tokens at a random offset; the overlapping partner is
+    the anchor's last k sentences (k uniform in [1, max(1, n // 2)]) and then the following sentences until 8 tokens
+    are reached (the last span: its first k and the preceding ones), so it exists for every anchor. All by hand."""
+    from retromae.objectives.cotmae import NEIGHBOUR, OVERLAPPING, RANDOM, UNPAIRED
+
+    objective, tokenizer = make(tiny_model, "cotmae", max_span_tokens=8, short_span_prob=0.0, span_cut="reference")
+    layout = [[3, 4, 2, 5, 1, 6, 2], [12], [1] * 12, [20, 1, 1]]
+    cut = {0: [(0, 3), (3, 6), (6, 7)], 1: [(0, 1)], 2: [(0, 9), (9, 12)], 3: [(0, 1), (1, 3)]}
+    overlap = {(0, 0, 3): {(2, 5)}, (0, 3, 6): {(5, 7)}, (0, 6, 7): {(5, 7)},
+               (2, 0, 9): {(8, 12), (7, 12), (6, 12), (5, 12)}, (2, 9, 12): {(2, 10)},
+               (3, 0, 1): {(0, 1)}, (3, 1, 3): {(0, 2)}}  # (document, anchor) -> the overlapping spans possible
+    base = document_batch(layout)
+    kinds, offsets, overlaps_of_doc2 = {RANDOM: 0, NEIGHBOUR: 0, OVERLAPPING: 0}, set(), set()
+    for trial in range(30):
+        batch = objective.prepare({**base, "seeds": example_seeds(trial, 0, torch.arange(len(layout)))})
+        n = len(layout)
+        for b, lengths in enumerate(layout):
+            starts = [sum(lengths[:s]) for s in range(len(lengths) + 1)]
+            anchor, partner = tuple(batch["anchor"][b].tolist()), tuple(batch["partner"][b].tolist())
+            kind = batch["partner_type"][b].item()
+            assert anchor in cut[b]
+            for row, (s0, s1) in ((b, anchor), (b + n, partner)):
+                whole = base["input_ids"][b, starts[s0] : starts[s1]].tolist()
+                got = span_tokens_of(batch, tokenizer, row)
+                assert len(got) == min(8, len(whole)), "cropped to T tokens"
+                at = next(i for i in range(len(whole) - len(got) + 1) if whole[i : i + len(got)] == got)
+                if b == 1 and row == b:
+                    offsets.add(at)
+            if len(cut[b]) < 2:
+                assert kind == UNPAIRED
+                continue
+            kinds[kind] += 1
+            if kind == OVERLAPPING:
+                assert partner in overlap[(b, *anchor)], (b, anchor, partner)
+                if b == 2 and anchor == (0, 9):
+                    overlaps_of_doc2.add(partner)
+            elif kind == RANDOM:
+                assert partner in cut[b] and partner != anchor
+            else:
+                assert abs(cut[b].index(partner) - cut[b].index(anchor)) == 1
+    assert len(offsets) >= 3, "the 12-token sentence is cropped at random offsets (0 .. 4)"
+    assert len(overlaps_of_doc2) >= 2, "k is drawn: the overlap starts at different sentences"
+    assert all(v > 0 for v in kinds.values()), kinds
+
+
+def test_cotmae_reference_cut_redraws_the_short_target_for_every_span(tiny_model):
+    """Every target short (short_span_prob 1, uniform in [2, 8]): on a document of one-token sentences each span
+    but the last has target + 1 sentences, 3 .. 9. Drawn per span (the authors' loop), two spans of one document
+    differ in size; drawn once per document (our whole-sentence cut), they never do."""
+    from retromae.objectives.cotmae import OVERLAPPING
+
+    layout = [[1] * 40] * 4
+    base = document_batch(layout)
+    sizes = {}
+    for cut in ("reference", "whole_sentences"):
+        objective, _ = make(tiny_model, "cotmae", max_span_tokens=8, short_span_prob=1.0, min_span_tokens=2,
+                            span_cut=cut)
+        differ = 0
+        for trial in range(6):
+            batch = objective.prepare({**base, "seeds": example_seeds(trial, 0, torch.arange(len(layout)))})
+            for b in range(len(layout)):
+                if batch["partner_type"][b].item() == OVERLAPPING:
+                    continue
+                (a0, a1), (p0, p1) = batch["anchor"][b].tolist(), batch["partner"][b].tolist()
+                if a1 == 40 or p1 == 40:  # the last span takes what is left
+                    continue
+                low, high = (3, 9) if cut == "reference" else (2, 8)
+                assert low <= a1 - a0 <= high and low <= p1 - p0 <= high, (cut, a0, a1, p0, p1)
+                differ += (a1 - a0) != (p1 - p0)
+        sizes[cut] = differ
+    assert sizes["reference"] > 0 and sizes["whole_sentences"] == 0, sizes
