@@ -141,3 +141,67 @@ def test_cotmae_reference_cut_redraws_the_short_target_for_every_span(tiny_model
                 differ += (a1 - a0) != (p1 - p0)
         sizes[cut] = differ
     assert sizes["reference"] > 0 and sizes["whole_sentences"] == 0, sizes
+
+
+# ----- coCondenser: two different pre-cut spans of one document ----------------------------------------------
+
+
+def test_cocondenser_document_spans_are_two_different_spans_of_the_documents_cut(tiny_model):
+    """span_source=document_spans: each document is cut into spans of whole sentences of <= 8 tokens (by hand
+    below); rows b and b + B are two DIFFERENT spans of document b (the same one when it has one span), drawn from
+    the example's seed alone: the same example in another row of another batch gets the same two spans."""
+    objective, tokenizer = make(tiny_model, "cocondenser", skip_from=1, span_tokens=8, span_source="document_spans")
+    layout = [[3, 4, 2, 5, 1, 6, 2], [10], [2, 2, 2, 2], [1] * 10]
+    cut = {0: [(0, 2), (2, 5), (5, 7)], 1: [(0, 1)], 2: [(0, 4)], 3: [(0, 8), (8, 10)]}
+    base = document_batch(layout)
+    n, pairs_of_doc0 = len(layout), set()
+    for trial in range(20):
+        batch = objective.prepare({**base, "seeds": example_seeds(trial, 0, torch.arange(n))})
+        for b, lengths in enumerate(layout):
+            starts = [sum(lengths[:s]) for s in range(len(lengths) + 1)]
+            doc = base["input_ids"][b]
+            pieces = {(s0, s1): doc[starts[s0] : starts[s0] + min(8, starts[s1] - starts[s0])].tolist()
+                      for s0, s1 in cut[b]}
+            got = [span_tokens_of(batch, tokenizer, row) for row in (b, b + n)]
+            chosen = [next(r for r, piece in pieces.items() if piece == g) for g in got]  # StopIteration: no span
+            if len(cut[b]) > 1:
+                assert chosen[0] != chosen[1], "two different spans of the document"
+            else:
+                assert chosen[0] == chosen[1]
+            if b == 0:
+                pairs_of_doc0.add(frozenset(chosen))
+        for order in ([0, 1, 3, 2], [2, 0]):  # the same examples (same seeds) in other rows of other batches
+            moved = objective.prepare({k: base[k][order] for k in ("input_ids", "attention_mask", "doc",
+                                                                    "sentence_ids")} | {"seeds": batch["seeds"][order]})
+            for b, example in enumerate(order):
+                for row, original in ((b, example), (b + len(order), example + n)):
+                    assert span_tokens_of(moved, tokenizer, row) == span_tokens_of(batch, tokenizer, original)
+    assert len(pairs_of_doc0) == 3, "every pair of the three spans is drawn"
+    losses = objective(batch)
+    assert set(losses) == {"mlm", "head", "contrast"}
+    with pytest.raises(ConfigError, match="data.cut=document"):
+        objective.prepare(batch_of(tokenizer, ["a short text"]))
+
+
+def test_cocondenser_document_spans_asks_for_whole_documents_before_anything_loads(tiny_model, tmp_path):
+    """The kind of example follows the option: whole documents (data.cut=document) for document_spans, passages or
+    blocks for the default windows; the export declares the span length (span_tokens + [CLS] and [SEP])."""
+    from retromae.modeling import load_tokenizer
+    from retromae.pretrain import export_length, load_config, preflight
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a text. another one.\n")
+
+    def config(source, cut):
+        return load_config(None, [f"model.name_or_path={tiny_model}", f"data.corpus=[{corpus}]", f"data.cut={cut}",
+                                  "objective.name=cocondenser", f"objective.span_source={source}",
+                                  "objective.span_tokens=20"])
+
+    with pytest.raises(ConfigError, match="whole documents .*: set data.cut=document"):
+        preflight(config("document_spans", "passage"))
+    with pytest.raises(ConfigError, match="not data.cut=document"):
+        preflight(config("windows", "document"))
+    cfg = config("document_spans", "document")
+    preflight(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    assert export_length(cfg, tokenizer, None) == 22
