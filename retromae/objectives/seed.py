@@ -21,7 +21,8 @@ projection (logits = states @ W_e^T, no transform, no bias): `decoder_positions:
 Ours by default (`encoder`, `mlm_head`): methods.md §1.6 asks for the decoder's token embeddings and output
 projection to be the encoder's, and the decoder is meant to be weak: giving it the encoder's embedding layer
 (positions and norm included) and the encoder's whole MLM head adds no parameters the decoder could learn a
-language model in, and keeps one vocabulary read-out for both losses, as in every other objective here.
+language model in, and keeps one vocabulary read-out for both losses, as in every other objective here. `tied`
+needs word embeddings as wide as the layers (ELECTRA's are narrower: refused in one line).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class SEEDEncoder(MaskedLM):
         if self.position_table is None:
             x = self.arch.embed(ids)
         else:
-            x = self.arch.word_embeddings(ids) + self.position_table(torch.arange(ids.shape[1], device=ids.device))
+            words = self.arch.from_embedding_space(self.arch.word_embeddings(ids))  # ELECTRA: to the layers' width
+            x = words + self.position_table(torch.arange(ids.shape[1], device=ids.device))
         positions = torch.arange(x.shape[1], device=x.device) if self.decoder.layers[0].attention.rotary else None
         # h is the single key/value of every cross-attention
         return self.decoder(x, batch["decoder_visible"], positions, memory=h.unsqueeze(1))
