@@ -115,7 +115,7 @@ def export_length(cfg: PretrainConfig, tokenizer, config) -> int:
     start = declared or default_max_length(tokenizer, config)
     trained = cfg.data.max_len
     if cfg.data.cut == "document":
-        span = getattr(cfg.objective, "max_span_tokens", None)
+        span = getattr(cfg.objective, "max_span_tokens", None) or getattr(cfg.objective, "span_tokens", None)
         trained = span + 2 if span else start
     return min(start, trained)
 
@@ -124,7 +124,8 @@ def preflight(cfg: PretrainConfig) -> None:
     """What can be checked before anything is loaded or written: the model and the corpus files exist, the
     objective accepts the accumulation and the kind of examples asked for."""
     check_accumulation(cfg.objective, cfg.train.gradient_accumulation_steps)
-    wanted = getattr(objective_class(cfg.objective.name), "example_format", "block")
+    wanted = getattr(cfg.objective, "example_format", None)  # a config's choice (coCondenser's span_source)
+    wanted = wanted or getattr(objective_class(cfg.objective.name), "example_format", "block")
     if (wanted == "document") != (cfg.data.cut == "document"):
         raise ConfigError(f"objective {cfg.objective.name!r} takes "
                           + ("whole documents (it cuts its own spans): set data.cut=document" if wanted == "document"

@@ -19,6 +19,16 @@ Our defaults (config fields and rules) where the papers leave it open: the two s
 disjoint windows of its ordinary tokens, each min(span_tokens, half the text) long, at random places (the first at
 a uniform offset within the room left for both, the second uniform in the room after the first); masks are
 whole-word.
+
+Where the authors' code differs, it is a choice, `span_source: document_spans`: their corpus is cut into spans
+first, grouped by document, and each step draws two different spans of a document. Here the example is then a
+whole document (`data.cut: document`, as CoT-MAE takes), cut by the objective into spans of whole sentences of at
+most `span_tokens` tokens (CoT-MAE's greedy cut; a lone longer sentence cut to its first `span_tokens`), and two
+different spans are drawn uniformly from the example's seed (reproducible whatever the batch, process or device;
+a document of a single span gives it twice). Ours by default (`windows`) because methods.md §1.12 asks only for
+"two spans per document", and two windows of one example need no document-shaped corpus: the same recipe runs on
+passages (two halves of an MS MARCO passage) and on packed blocks, with `doc` keeping spans of one document out
+of each other's negatives.
 """
 
 from __future__ import annotations
@@ -34,11 +44,13 @@ from retromae.distributed import gather, gather_with_grad, world
 from retromae.masking import derived_seeds
 from retromae.decoders import DecoderStack
 from retromae.objectives.base import full_precision, masked_lm_loss_sum, register
-from retromae.objectives.cotmae import wrap_spans
+from retromae.objectives.cotmae import range_tokens, span_range, whole_sentence_cut, wrap_spans
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 from retromae.rng import uniform
 
 FIRST_SPAN_OFFSET, SECOND_SPAN_OFFSET, SECOND_SPAN_SEEDS = 101, 102, 103  # random streams / seed salt of the spans
+FIRST_DOCUMENT_SPAN, SECOND_DOCUMENT_SPAN = 104, 105  # random streams of span_source: document_spans
+SPAN_SOURCES = ("windows", "document_spans")
 
 
 @dataclass
@@ -61,6 +73,12 @@ class CoCondenserConfig(CondenserConfig):
     span_tokens: int = 128  # most ordinary tokens per span; two disjoint spans are cut from each example (our default)
     contrast_weight: float = 1.0  # weight of the span contrastive loss
     cross_process: bool = True  # other processes' spans are negatives too (the paper's global batch)
+    span_source: str = "windows"  # windows: two disjoint windows of each example (our default) | document_spans: two different whole-sentence spans of a document (data.cut: document; the authors' code)
+
+    @property
+    def example_format(self) -> str:
+        """What the objective takes: whole documents (data.cut: document) for document_spans, else blocks."""
+        return "document" if self.span_source == "document_spans" else "block"
 
     def batch_wide_losses(self) -> list[str]:
         return ["contrast"]
@@ -69,6 +87,9 @@ class CoCondenserConfig(CondenserConfig):
         super().validate()
         if self.span_tokens < 1:
             raise ConfigError("objective.span_tokens must be >= 1", key="span_tokens")
+        if self.span_source not in SPAN_SOURCES:
+            raise ConfigError(f"objective.span_source={self.span_source!r} is not one of {', '.join(SPAN_SOURCES)}",
+                              key="span_source")
 
 
 @register
@@ -118,6 +139,18 @@ def two_disjoint_spans(lengths: torch.Tensor, seeds: torch.Tensor, most: int) ->
     return first, torch.minimum(second, (lengths - size).clamp(min=0)), size
 
 
+def two_document_spans(sentence_ids: torch.Tensor, seeds: torch.Tensor, most: int) -> tuple[torch.Tensor, ...]:
+    """(first token, size) (2B,) of two different spans of each document (rows b and b + B), drawn uniformly from the
+    greedy cut of the document into spans of whole sentences of at most `most` tokens; a single span twice."""
+    cut = whole_sentence_cut(sentence_ids, torch.full_like(seeds, most, dtype=torch.long))
+    spans, zero = cut["spans"], torch.zeros(1, dtype=torch.long, device=seeds.device)
+    first = (uniform(seeds, FIRST_DOCUMENT_SPAN, zero) * spans).long().clamp(max=(spans - 1).clamp(min=0))
+    other = (uniform(seeds, SECOND_DOCUMENT_SPAN, zero) * (spans - 1)).long().clamp(max=(spans - 2).clamp(min=0))
+    second = torch.where(spans >= 2, other + (other >= first).long(), first)
+    ranges = torch.cat([span_range(cut["is_start"], cut["ends"], k) for k in (first, second)])
+    return range_tokens(cut["lengths"].repeat(2, 1), cut["clipped"].repeat(2, 1), ranges)
+
+
 def span_contrast_sum(reps: torch.Tensor, docs: torch.Tensor | None, cross_process: bool) -> torch.Tensor:
     """Summed InfoNCE of the local spans `reps` (2B, D): rows b and b + B are the two spans of example b; logits are
     dot products with every span of the global batch (rank order, each process's block laid out as here); the span
@@ -149,17 +182,29 @@ class CoCondenser(Condenser):
     def __init__(self, encoder, tokenizer, config: CoCondenserConfig):
         super().__init__(encoder, tokenizer, config)
         prefix, suffix = special_wrapping(tokenizer)
+        positions = getattr(encoder.config, "max_position_embeddings", None)
+        if config.span_source == "document_spans" and positions is not None \
+                and config.span_tokens + len(prefix) + len(suffix) > positions:
+            raise ConfigError(f"objective.span_tokens={config.span_tokens} plus {len(prefix) + len(suffix)} special "
+                              f"tokens exceeds the model's {positions} positions", key="span_tokens")
         self.register_buffer("_prefix", torch.tensor(prefix, dtype=torch.long), persistent=False)
         self.register_buffer("_suffix", torch.tensor(suffix, dtype=torch.long), persistent=False)
         self.loss_weights["contrast"] = config.contrast_weight
 
     def prepare(self, batch: dict) -> dict:
         """Two spans per example, as inputs of their own (rows b and b + B), masked as Condenser masks a text."""
-        ordinary = self.tables.special[batch["input_ids"]].logical_not() & batch["attention_mask"].bool()
-        begin = ordinary.long().argmax(-1)  # the first ordinary token (after [CLS] / <s>)
-        first, second, size = two_disjoint_spans(ordinary.sum(-1), batch["seeds"], self.config.span_tokens)
-        ids, attention = wrap_spans(batch["input_ids"].repeat(2, 1), torch.cat([begin + first, begin + second]),
-                                    size.repeat(2), self._prefix, self._suffix, self._pad_id)
+        if self.config.span_source == "document_spans":
+            if "sentence_ids" not in batch:
+                raise ConfigError("objective cocondenser with span_source=document_spans takes whole documents with "
+                                  "their sentence ids: set data.cut=document", key="cut")
+            start, size = two_document_spans(batch["sentence_ids"], batch["seeds"], self.config.span_tokens)
+        else:
+            ordinary = self.tables.special[batch["input_ids"]].logical_not() & batch["attention_mask"].bool()
+            begin = ordinary.long().argmax(-1)  # the first ordinary token (after [CLS] / <s>)
+            first, second, size = two_disjoint_spans(ordinary.sum(-1), batch["seeds"], self.config.span_tokens)
+            start, size = torch.cat([begin + first, begin + second]), size.repeat(2)
+        ids, attention = wrap_spans(batch["input_ids"].repeat(2, 1), start, size, self._prefix, self._suffix,
+                                    self._pad_id)
         seeds = torch.cat([batch["seeds"], derived_seeds(batch["seeds"], SECOND_SPAN_SEEDS)])
         spans = super().prepare({"input_ids": ids, "attention_mask": attention, "seeds": seeds})
         return {**batch, "spans": spans}

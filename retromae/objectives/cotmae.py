@@ -21,6 +21,15 @@ document; the rules of the overlapping span above; when a document offers no ove
 neighbour is taken instead (`partner_type` records what was used); a document that makes a single span has no
 partner: its anchor keeps its MLM loss and adds nothing to the decoder's; the decoder's input masking is 80/10/10.
 
+Where the authors' code differs, it is a choice, `span_cut: reference`: a span takes sentences until its tokens
+exceed its target, the crossing sentence included, and is then cropped to `max_span_tokens` at a random offset;
+the short target is redrawn for every span; the overlapping partner is the anchor's last k sentences (k uniform in
+[1, max(1, n // 2)]) and the sentences after them up to `max_span_tokens` tokens (the last span: its first k and
+the ones before), so every anchor of a document of two or more spans has one. Ours by default (`whole_sentences`)
+because it is what methods.md §1.7 states: spans "of up to 128 tokens at sentence boundaries" (a crop cuts
+sentences at both ends) and an overlapping partner sharing "<= 50% of its sentences" (the authors' can share more,
+or be the anchor itself when its k sentences already fill the length).
+
 Everything is tensor operations over (batch, sentences): the greedy cut is found by pointer jumping (each
 sentence's "next span start" from a sorted search, then the chain from sentence 0 in log2(sentences) steps).
 """
@@ -51,6 +60,8 @@ from retromae.rng import uniform
 SHORT_SPAN, SHORT_LENGTH, ANCHOR, PARTNER_TYPE, OTHER_SPAN, NEIGHBOUR_SIDE, OVERLAP = 61, 62, 63, 64, 65, 66, 67
 PARTNER_SEEDS = 68
 RANDOM, NEIGHBOUR, OVERLAPPING, UNPAIRED = 0, 1, 2, -1
+CROP = 69  # the random stream of the reference cut's crops
+SPAN_CUTS = ("whole_sentences", "reference")
 
 
 @dataclass
@@ -63,6 +74,7 @@ class CoTMAEConfig(MLMConfig):
     max_span_tokens: int = 128  # most tokens per span, special tokens not counted (the paper: 128)
     short_span_prob: float = 0.15  # probability that a document is cut at a shorter target length (the paper: 0.15)
     min_span_tokens: int = 2  # the shorter target is uniform in [min_span_tokens, max_span_tokens] (the paper: 2)
+    span_cut: str = "whole_sentences"  # whole_sentences: spans of whole sentences <= max_span_tokens (our default) | reference: the authors' cut, crop and overlap
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +84,9 @@ class CoTMAEConfig(MLMConfig):
             raise ConfigError("objective.min_span_tokens must be in [1, objective.max_span_tokens]")
         if not 0 <= self.short_span_prob <= 1 or self.decoder_layers < 1:
             raise ConfigError("objective.short_span_prob must be in [0, 1] and objective.decoder_layers >= 1")
+        if self.span_cut not in SPAN_CUTS:
+            raise ConfigError(f"objective.span_cut={self.span_cut!r} is not one of {', '.join(SPAN_CUTS)}",
+                              key="span_cut")
 
 
 def wrap_spans(ids: torch.Tensor, start: torch.Tensor, size: torch.Tensor, prefix: torch.Tensor,
@@ -112,6 +127,47 @@ def window_starts(clipped: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """(B, S + 1): for a window of whole sentences ending before sentence e, the earliest first sentence that fits."""
     before = F.pad(clipped.cumsum(-1), (1, 0))  # tokens before sentence e, e = 0 .. S
     return torch.searchsorted(before.contiguous(), (before - budget[:, None]).contiguous(), right=False)
+
+
+def range_tokens(lengths: torch.Tensor, clipped: torch.Tensor, ranges: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(first token, tokens taken) (N,) of the sentence ranges [first, end) (N, 2), given each row's tokens per
+    sentence (N, S) all told (`lengths`) and as far as spans take them (`clipped`: only a lone sentence is cut short,
+    so a range is a contiguous run of tokens)."""
+    first_token = F.pad(lengths.cumsum(-1), (1, 0))
+    taken_before = F.pad(clipped.cumsum(-1), (1, 0))
+    size = (taken_before.gather(1, ranges[:, 1:]) - taken_before.gather(1, ranges[:, :1])).squeeze(1)
+    return first_token.gather(1, ranges[:, :1]).squeeze(1), size.clamp(min=0)
+
+
+def random_crop(start: torch.Tensor, size: torch.Tensor, most: int, seeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows b (anchors) and b + B (partners) of (start, size): a span longer than `most` tokens keeps `most` of them,
+    from an offset uniform in [0, size - most] (stream CROP, counter 0 for the anchor, 1 for the partner)."""
+    half = seeds.shape[0]
+    which = (torch.arange(2 * half, device=seeds.device) >= half).long()
+    room = (size - most).clamp(min=0)
+    offset = (uniform(seeds.repeat(2), CROP, which) * (room + 1)).long().clamp(max=room)
+    return start + offset, size.clamp(max=most)
+
+
+def span_range(is_start: torch.Tensor, ends: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Sentences [first, end) (B, 2) of span k (B,) of a cut whose spans begin where `is_start` (B, S) and run from
+    sentence s to ends[s]."""
+    first = torch.searchsorted(is_start.long().cumsum(-1), (k + 1)[:, None]).squeeze(1)
+    first = first.clamp(max=is_start.shape[1] - 1)
+    return torch.stack([first, ends.gather(1, first[:, None]).squeeze(1)], -1)
+
+
+def whole_sentence_cut(sentence_ids: torch.Tensor, budget: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The greedy cut of each document (B,) into spans of whole sentences of at most `budget` (B,) tokens (a lone
+    longer sentence a span of its own, cut to its first `budget` tokens): tokens per sentence (`lengths`, and
+    `clipped` as far as spans take them), span `ends` from each sentence, `is_start` and the span count `spans`."""
+    lengths = sentence_lengths(sentence_ids)
+    sentences = (sentence_ids.max(-1).values + 1).clamp(min=0)
+    clipped = torch.minimum(lengths, budget[:, None])
+    ends = window_ends(clipped, budget, sentences)
+    is_start = greedy_span_starts(ends, sentences)
+    return {"lengths": lengths, "clipped": clipped, "sentences": sentences, "ends": ends, "is_start": is_start,
+            "spans": is_start.sum(-1)}
 
 
 def greedy_span_starts(next_start: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
@@ -157,31 +213,74 @@ def sample_pairs(sentence_ids: torch.Tensor, seeds: torch.Tensor, cfg: CoTMAECon
     """The anchor and partner of every document as sentence ranges [first, end) (B, 2 each), the partner's type
     (B,), and the tokens per sentence (B, S): all of them (`lengths`) and as far as spans take them (`clipped`)."""
     zero = torch.zeros(1, dtype=torch.long, device=seeds.device)
-    raw = sentence_lengths(sentence_ids)
-    sentences = (sentence_ids.max(-1).values + 1).clamp(min=0)
-    budget = span_budget(seeds, cfg)
-    clipped = torch.minimum(raw, budget[:, None])
-    ends, starts = window_ends(clipped, budget, sentences), window_starts(clipped, budget)
-    is_start = greedy_span_starts(ends, sentences)
-    spans = is_start.sum(-1)
-
-    def span_range(k: torch.Tensor) -> torch.Tensor:  # sentences [first, end) of span k of the greedy cut
-        first = torch.searchsorted(is_start.long().cumsum(-1), (k + 1)[:, None]).squeeze(1)
-        first = first.clamp(max=raw.shape[1] - 1)
-        return torch.stack([first, ends.gather(1, first[:, None]).squeeze(1)], -1)
-
+    if cfg.span_cut == "reference":
+        cut = reference_cut(sentence_ids, seeds, cfg)
+    else:
+        budget = span_budget(seeds, cfg)
+        cut = whole_sentence_cut(sentence_ids, budget)
+        starts = window_starts(cut["clipped"], budget)
+    ends, is_start, spans = cut["ends"], cut["is_start"], cut["spans"]
     anchor_k = (uniform(seeds, ANCHOR, zero) * spans).long().clamp(max=(spans - 1).clamp(min=0))
-    anchor = span_range(anchor_k)
+    anchor = span_range(is_start, ends, anchor_k)
     other_k = (uniform(seeds, OTHER_SPAN, zero) * (spans - 1)).long().clamp(max=(spans - 2).clamp(min=0))
     left_exists, right_exists = anchor_k > 0, anchor_k < spans - 1
     go_right = torch.where(left_exists & right_exists, uniform(seeds, NEIGHBOUR_SIDE, zero) < 0.5, right_exists)
-    overlap, has_overlap = overlapping_window(anchor, ends, starts, uniform(seeds, OVERLAP, zero))
+    if cfg.span_cut == "reference":
+        overlap = reference_overlap(anchor, ~right_exists, cut, cfg.max_span_tokens, uniform(seeds, OVERLAP, zero))
+        has_overlap = torch.ones_like(right_exists)
+    else:
+        overlap, has_overlap = overlapping_window(anchor, ends, starts, uniform(seeds, OVERLAP, zero))
     kind = partner_kind(seeds, spans, has_overlap)
-    partner = torch.where((kind == RANDOM)[:, None], span_range(other_k + (other_k >= anchor_k).long()),
+    partner = torch.where((kind == RANDOM)[:, None], span_range(is_start, ends, other_k + (other_k >= anchor_k).long()),
                           torch.where((kind == OVERLAPPING)[:, None], overlap,
-                                      span_range(anchor_k + torch.where(go_right, 1, -1))))
+                                      span_range(is_start, ends, anchor_k + torch.where(go_right, 1, -1))))
     partner = torch.where((kind == UNPAIRED)[:, None], anchor, partner)
-    return {"anchor": anchor, "partner": partner, "partner_type": kind, "lengths": raw, "clipped": clipped}
+    return {"anchor": anchor, "partner": partner, "partner_type": kind, "lengths": cut["lengths"],
+            "clipped": cut["clipped"]}
+
+
+def reference_cut(sentence_ids: torch.Tensor, seeds: torch.Tensor, cfg: CoTMAEConfig) -> dict[str, torch.Tensor]:
+    """The authors' cut: a span takes sentences until its tokens EXCEED its target (the sentence that crosses it
+    included, whole: spans are cropped later), and every span draws its own target (max_span_tokens, or with
+    probability short_span_prob one uniform in [min_span_tokens, max_span_tokens]). The draw is keyed by the span's
+    first sentence, which no other span shares: one independent draw per span, as the authors' loop redraws."""
+    lengths = sentence_lengths(sentence_ids)
+    sentences = (sentence_ids.max(-1).values + 1).clamp(min=0)
+    first = torch.arange(lengths.shape[1], device=lengths.device)[None, :]
+    spread = cfg.max_span_tokens - cfg.min_span_tokens + 1
+    short = cfg.min_span_tokens + (uniform(seeds, SHORT_LENGTH, first) * spread).long().clamp(max=spread - 1)
+    target = torch.where(uniform(seeds, SHORT_SPAN, first) < cfg.short_span_prob, short, cfg.max_span_tokens)
+    ends_at = lengths.cumsum(-1)
+    crossing = torch.searchsorted(ends_at, ends_at - lengths + target, right=True)  # first sentence past the target
+    ends = torch.minimum(crossing + 1, sentences[:, None])
+    is_start = greedy_span_starts(ends, sentences)
+    return {"lengths": lengths, "clipped": lengths, "sentences": sentences, "ends": ends, "is_start": is_start,
+            "spans": is_start.sum(-1)}
+
+
+def reference_overlap(anchor: torch.Tensor, is_last: torch.Tensor, cut: dict, most: int,
+                      u: torch.Tensor) -> torch.Tensor:
+    """The authors' overlapping span (B, 2): the anchor's last k sentences, k uniform in [1, max(1, n // 2)] of its n,
+    then the following sentences until `most` tokens are reached (the one that reaches it included); for the
+    document's last span, its first k sentences and the preceding ones, backwards, the same way. It always exists
+    (it may be the anchor itself when k sentences already fill `most`)."""
+    lengths, sentences = cut["lengths"], cut["sentences"]
+    before = F.pad(lengths.cumsum(-1), (1, 0))  # tokens before sentence s, s = 0 .. S
+    a0, a1 = anchor[:, 0], anchor[:, 1]
+    half = ((a1 - a0) // 2).clamp(min=1)
+    k = torch.minimum(1 + (u * half).long().clamp(max=half - 1), a1 - a0)  # an empty document: k = 0
+    at = lambda s: before.gather(1, s[:, None]).squeeze(1)  # noqa: E731 (tokens before sentence s, per row)
+    # forward: [a1 - k, end), end the sentence after the one that brings the tokens to `most`
+    left = most - (at(a1) - at(a1 - k))
+    reach = torch.searchsorted(before[:, 1:].contiguous(), (at(a1) + left)[:, None], right=False).squeeze(1)
+    forward_end = torch.where(left > 0, torch.minimum(reach + 1, sentences), a1)
+    # backward: [start, a0 + k), start the last sentence before a0 that brings the tokens to `most`
+    left_back = most - (at(a0 + k) - at(a0))
+    back = torch.searchsorted(before.contiguous(), (at(a0) - left_back)[:, None], right=True).squeeze(1) - 1
+    backward_start = torch.where(left_back > 0, back.clamp(min=0), a0)
+    forward = torch.stack([a1 - k, forward_end], -1)
+    backward = torch.stack([backward_start, a0 + k], -1)
+    return torch.where(is_last[:, None], backward, forward)
 
 
 def overlapping_window(anchor: torch.Tensor, ends: torch.Tensor, starts: torch.Tensor,
@@ -226,7 +325,7 @@ class CoTMAE(MaskedLM):
             raise ConfigError("objective cotmae takes whole documents with their sentence ids: set data.cut=document",
                               key="cut")
         pairs = sample_pairs(batch["sentence_ids"], batch["seeds"], self.config)
-        ids, attention = self.span_inputs(batch["input_ids"], pairs)
+        ids, attention = self.span_inputs(batch["input_ids"], pairs, batch["seeds"])
         seeds = torch.cat([batch["seeds"], derived_seeds(batch["seeds"], PARTNER_SEEDS)])
         spans = super().prepare({"input_ids": ids, "attention_mask": attention, "seeds": seeds})
         paired = (pairs["partner_type"] != UNPAIRED).repeat(2)
@@ -239,15 +338,15 @@ class CoTMAE(MaskedLM):
         spans["decoder_targets"] = decoder_mask & paired[:, None]
         return {**batch, "spans": spans, **{k: pairs[k] for k in ("anchor", "partner", "partner_type")}}
 
-    def span_inputs(self, documents: torch.Tensor, pairs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def span_inputs(self, documents: torch.Tensor, pairs: dict,
+                    seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS] span [SEP] of every anchor (rows b) and partner (rows b + B): (input_ids, attention_mask). A sentence
         range is a contiguous run of tokens (only a lone sentence is cut short), so a start and a size say it all."""
-        first_token = F.pad(pairs["lengths"].cumsum(-1), (1, 0)).repeat(2, 1)
-        taken_before = F.pad(pairs["clipped"].cumsum(-1), (1, 0)).repeat(2, 1)
-        ranges = torch.cat([pairs["anchor"], pairs["partner"]])
-        size = (taken_before.gather(1, ranges[:, 1:]) - taken_before.gather(1, ranges[:, :1])).squeeze(1)
-        start = first_token.gather(1, ranges[:, :1]).squeeze(1)
-        return wrap_spans(documents.repeat(2, 1), start, size.clamp(min=0), self._prefix, self._suffix, self._pad_id)
+        start, size = range_tokens(pairs["lengths"].repeat(2, 1), pairs["clipped"].repeat(2, 1),
+                                   torch.cat([pairs["anchor"], pairs["partner"]]))
+        if self.config.span_cut == "reference":  # the authors crop a longer span at a random place
+            start, size = random_crop(start, size, self.config.max_span_tokens, seeds)
+        return wrap_spans(documents.repeat(2, 1), start, size, self._prefix, self._suffix, self._pad_id)
 
     def num_items(self, batch: dict) -> dict[str, torch.Tensor]:
         spans = batch["spans"]
