@@ -4,8 +4,7 @@ MODULE=masking` (one). Not part of `make test`: a full run takes about an hour o
 mutmut 3 does the work: it writes every mutant of a module (an operator flipped, a constant changed, an argument
 dropped) beside the source, runs the module's own fast tests once to learn which tests reach which function, then
 runs, for each mutant, only those tests. A mutant the tests pass is a rule nothing pins. Each module runs in its own
-copy of the project under `.mutmut/MODULE/` (mutmut keeps its state there, so a second run only re-checks what
-changed), with a `[tool.mutmut]` section written for that module alone: mutmut reads one configuration per folder,
+copy of the project under `.mutmut/MODULE/` (each run starts afresh; `--keep` reuses the last results), with a `[tool.mutmut]` section written for that module alone: mutmut reads one configuration per folder,
 and one module's test selection must not pay for another's.
 
 Mutants that change nothing observable (equivalent mutants) are listed in `docs/mutation.md` with the reason; they
@@ -16,6 +15,7 @@ are counted apart. The script prints one table row per module (killed / non-equi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -27,14 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "mutation.md"
+MESSAGE_LINES = [r"^\s*raise ", r"^\s*(logger|logging)\.", r"^\s*warnings\.warn\(", r"^\s*print\("]
 BEGIN, END = "<!-- mutants:begin -->", "<!-- mutants:end -->"
 
 # module name -> (the files mutated, the fast tests that pin their rules)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "objectives": (["retromae/objectives/*.py"],
                    ["tests/test_objective_rules.py", "tests/test_retromae_objective.py", "tests/test_more_objectives.py",
-                    "tests/test_objective_family.py", "tests/test_lexmae.py"]),
-    "masking": (["retromae/masking.py"], ["tests/test_masking.py", "tests/test_retromae_objective.py"]),
+                    "tests/test_objective_family.py", "tests/test_lexmae.py", "tests/test_reference_choices.py"]),
+    "masking": (["retromae/masking.py"], ["tests/test_masking.py", "tests/test_retromae_objective.py",
+                                          "tests/test_more_objectives.py", "tests/test_objective_rules.py"]),
     "finetune-model": (["retromae/finetune/model.py"], ["tests/test_finetune.py", "tests/test_sparse.py"]),
     "metrics": (["retromae/retrieval/metrics.py"], ["tests/test_metrics.py"]),
     "search": (["retromae/retrieval/search.py", "retromae/retrieval/index.py"],
@@ -63,22 +65,26 @@ def prepare_copy(name: str) -> Path:
     pytest_ini = project["tool"]["pytest"]["ini_options"]
     section = "\n".join([
         "[tool.pytest.ini_options]",
-        f"markers = {pytest_ini['markers']!r}".replace("'", '"'),
+        f"markers = {json.dumps(pytest_ini['markers'])}",
         "",
         "[tool.mutmut]",
         'source_paths = ["retromae"]',
-        f"only_mutate = {files!r}".replace("'", '"'),
+        f"only_mutate = {json.dumps(files)}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         # the fast tests only: multi-process launches run the installed package, not the mutant
-        f"pytest_add_cli_args_test_selection = {tests!r}".replace("'", '"'),
         'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]',
+        # the wording of errors, warnings and log lines is not a method's rule: those statements are left whole
+        f"do_not_mutate_patterns = {json.dumps(MESSAGE_LINES)}",
         "",
     ])
     (work / "pyproject.toml").write_text(section, encoding="utf-8")
     return work
 
 
-def run_module(name: str, max_children: int) -> Counter:
+def run_module(name: str, max_children: int, keep: bool) -> Counter:
     work = prepare_copy(name)
+    if not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
+        shutil.rmtree(work / "mutants", ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     mutmut = Path(sys.executable).with_name("mutmut")
     subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
@@ -129,13 +135,14 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--write", action="store_true", help="put the rows into docs/mutation.md")
+    parser.add_argument("--keep", action="store_true", help="reuse the last run's results (sources unchanged)")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     rows = {}
     for name in args.modules or list(MODULES):
-        rows[name] = row(name, run_module(name, args.max_children))
+        rows[name] = row(name, run_module(name, args.max_children, args.keep))
         print(rows[name], flush=True)
     if args.write:
         write_table(rows)

