@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/retromae demo
 
+# The single-process tests on both cores (pytest-xdist, one torch thread each), then the multi-process launches
+# (marked slow) one at a time: each launch already uses both cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2
+	$(PY) -m pytest -q -m slow
 
 # Mutation testing (docs/mutation.md): every module, or one with MODULE=masking; about an hour on 2 cores.
 mutants: $(STAMP)
