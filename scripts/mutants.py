@@ -54,6 +54,11 @@ def equivalent_mutants() -> dict[str, str]:
     return dict(re.findall(r"^- `([\w.]+__mutmut_\d+)`: (.+)$", DOC.read_text(encoding="utf-8"), re.M))
 
 
+# tests left out of every selection: runs of many steps on a real corpus (each mutant they reach would pay for them;
+# the rules they watch are pinned by the by-hand tests)
+SLOW_FOR_MUTANTS = "not real_corpus and not pretrains_on_a_real_beir_corpus and not learns_and_exports"
+
+
 def prepare_copy(name: str) -> Path:
     """`.mutmut/NAME/`: the library, the tests and a pyproject.toml whose [tool.mutmut] section selects this module."""
     files, tests = MODULES[name]
@@ -73,7 +78,8 @@ def prepare_copy(name: str) -> Path:
         f"only_mutate = {json.dumps(files)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         # the fast tests only: multi-process launches run the installed package, not the mutant
-        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]',
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q", "-k", '
+        f'{json.dumps(SLOW_FOR_MUTANTS)}]',
         # the wording of errors, warnings and log lines is not a method's rule: those statements are left whole
         f"do_not_mutate_patterns = {json.dumps(MESSAGE_LINES)}",
         "",

@@ -74,6 +74,28 @@ def test_infonce_equals_a_hand_computation():
     assert bi(batch)["contrastive"].item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_cross_device_targets_are_offset_by_the_passages_before_this_process(monkeypatch):
+    """Process 1 of 2 sees process 0's 4 passages first in the gathered matrix: its query i's positive is column
+    4 + 2 i (a group of 2), not 2 i. The gather is replaced by a fixed block so the loss can be written out."""
+    import retromae.finetune.model as model_module
+
+    vectors = [[1.0, 0.0], [0.0, 1.0], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5], [0.3, -0.2]]
+    other = torch.tensor([[0.9, 0.1], [0.2, 0.7], [-0.4, 0.6], [0.7, 0.7]])  # process 0's passages
+    monkeypatch.setattr(model_module, "world", lambda: (1, 2))
+    monkeypatch.setattr(model_module, "gather_with_grad", lambda t: torch.cat([other, t]))
+    monkeypatch.setattr(model_module, "gather", lambda t: torch.cat([torch.ones(4, dtype=t.dtype), t]))
+    bi = BiEncoder(Fixed(vectors), LossConfig(similarity="dot", temperature=0.5, cross_device_negatives=True))
+    batch = {"query_input_ids": torch.tensor([[0], [1]]), "query_attention_mask": torch.ones(2, 1, dtype=torch.long),
+             "passage_input_ids": torch.tensor([[2], [3], [4], [5]]), "passage_attention_mask": torch.ones(4, 1, dtype=torch.long),
+             "passage_valid": torch.tensor([True, True, True, True])}
+    passages = other.tolist() + vectors[2:]
+    expected = 0.0
+    for i, target in ((0, 4), (1, 6)):
+        logits = [sum(a * b for a, b in zip(vectors[i], p)) / 0.5 for p in passages]
+        expected += -logits[target] + math.log(sum(math.exp(x) for x in logits))
+    assert bi(batch)["contrastive"].item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_distillation_kl_equals_a_hand_computation():
     vectors = [[1.0, 0.0], [0.8, 0.2], [0.1, 0.9], [0.6, 0.4]]
     bi = BiEncoder(Fixed(vectors), LossConfig(temperature=1.0, cross_device_negatives=False, distill_weight=1.0))

@@ -151,3 +151,70 @@ def test_tables_from_a_real_wordpiece_tokenizer(tiny_tokenizer):
     assert all(tables.continuation[i] == t.startswith("##") for t, i in vocab.items())
     assert tables.special[tiny_tokenizer.cls_token_id] and tables.special[tiny_tokenizer.pad_token_id]
     assert not tables.special[tables.replacement_ids].any()
+
+
+# ----- rules pinned after mutation testing (docs/mutation.md) ------------------------------------------------
+
+
+def test_capped_proportional_is_the_water_filling_solution_by_hand():
+    from retromae.masking import capped_proportional
+
+    # row 0: weights 0.4, 0.1, 0.1 (and a slot past the last word), word lengths 1, 2, 1, target 3 tokens.
+    #   uncapped: lambda (0.4*1 + 0.1*2 + 0.1*1) = 3 -> lambda = 30/7, p0 = 12/7 > 1: word 0 capped at 1;
+    #   the rest: lambda (0.1*2 + 0.1*1) = 3 - 1 -> lambda = 20/3, p1 = p2 = 2/3 (2/3*2 + 2/3*1 = 2 tokens).
+    # row 1: target 0: nothing. row 2: four words of one token, equal weights, target 2: 1/2 each.
+    weights = torch.tensor([[0.4, 0.1, 0.1, 0.7], [0.4, 0.1, 0.1, 0.7], [1.0, 1.0, 1.0, 1.0]])
+    lengths = torch.tensor([[1, 2, 1, 0], [1, 2, 1, 0], [1, 1, 1, 1]])
+    p = capped_proportional(weights, lengths, torch.tensor([3, 0, 2]))
+    expected = torch.tensor([[1.0, 2 / 3, 2 / 3, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    assert torch.allclose(p, expected, atol=1e-6), p
+
+
+def test_weighted_word_choice_follows_weights_below_one():
+    """One of two one-token words is masked (ratio 0.5): by Efraimidis-Spirakis keys the heavier word is chosen with
+    probability w1 / (w0 + w1) = 0.95 for weights 0.05 and 0.95 (both below 1, where a clamp would flatten them)."""
+    from retromae.masking import weighted_whole_word_mask
+    from retromae.rng import example_seeds
+
+    n = 4000
+    words = torch.tensor([[0, 1]]).repeat(n, 1)
+    mask = weighted_whole_word_mask(words, torch.tensor([[0.05, 0.95]]).repeat(n, 1), 0.5,
+                                    example_seeds(3, 0, torch.arange(n)), 7)
+    assert (mask.sum(-1) == 1).all()
+    assert 0.93 < mask[:, 1].float().mean().item() < 0.97
+
+
+def test_weighted_word_mask_counts_the_first_word_as_maskable():
+    """Two one-token words (word ids 0 and 1), ratio 0.75: round(0.75 * 2) = 2 tokens, so both are masked."""
+    from retromae.masking import weighted_whole_word_mask
+    from retromae.rng import example_seeds
+
+    mask = weighted_whole_word_mask(torch.tensor([[0, 1, -1]] * 8), torch.ones(8, 2), 0.75,
+                                    example_seeds(1, 0, torch.arange(8)), 7)
+    assert mask.tolist() == [[True, True, False]] * 8
+
+
+def test_per_row_word_masks_read_each_words_own_probability():
+    """Word 0 has probability 0, word 1 probability 1: in every row its columns are never / always hidden, and the
+    padding column never; the rows asked for alone equal those rows of the whole matrix."""
+    from retromae.masking import per_row_word_masks
+    from retromae.rng import example_seeds
+
+    words = torch.tensor([[0, 0, 1, 2, -1]])
+    probability = torch.tensor([[0.0, 1.0, 0.5]])
+    seeds = example_seeds(5, 0, torch.arange(1))
+    full = per_row_word_masks(words, probability, seeds, 11)
+    assert full.shape == (1, 5, 5)
+    assert not full[0, :, :2].any() and full[0, :, 2].all() and not full[0, :, 4].any()
+    rows = torch.tensor([3, 1])
+    assert torch.equal(per_row_word_masks(words, probability, seeds, 11, rows), full[:, rows])
+
+
+def test_token_tables_move_with_every_field():
+    from retromae.masking import TokenTables
+
+    tables = TokenTables(torch.tensor([True, False]), torch.tensor([False, True]), torch.tensor([1]), 5, 0)
+    moved = tables.to("cpu")
+    assert torch.equal(moved.special, tables.special) and torch.equal(moved.continuation, tables.continuation)
+    assert torch.equal(moved.replacement_ids, tables.replacement_ids)
+    assert (moved.mask_id, moved.pad_id) == (5, 0)
