@@ -47,6 +47,13 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+def selection(name: str) -> tuple[list[str], list[str]]:
+    """A module's files and tests; `objectives/NAME` is one objective's file with the objectives' tests."""
+    if name.startswith("objectives/"):
+        return [f"retromae/{name}.py"], MODULES["objectives"][1]
+    return MODULES[name]
+
+
 def equivalent_mutants() -> dict[str, str]:
     """Mutant name -> why it changes nothing observable, read from docs/mutation.md's list ("- `name`: reason")."""
     if not DOC.exists():
@@ -61,8 +68,8 @@ SLOW_FOR_MUTANTS = "not real_corpus and not pretrains_on_a_real_beir_corpus and 
 
 def prepare_copy(name: str) -> Path:
     """`.mutmut/NAME/`: the library, the tests and a pyproject.toml whose [tool.mutmut] section selects this module."""
-    files, tests = MODULES[name]
-    work = ROOT / ".mutmut" / name
+    files, tests = selection(name)
+    work = ROOT / ".mutmut" / name.replace("/", "-")
     work.mkdir(parents=True, exist_ok=True)
     for folder in ("retromae", "tests"):
         shutil.copytree(ROOT / folder, work / folder, dirs_exist_ok=True,
@@ -131,20 +138,27 @@ def write_table(rows: dict[str, str]) -> None:
     kept = {line.split("|")[1].strip(): line for line in table.strip().splitlines()[2:]}
     kept.update(rows)
     lines = ["| module | mutants | equivalent | killed / non-equivalent | share | not killed |",
-             "|---|---|---|---|---|---|"] + [kept[m] for m in MODULES if m in kept]
+             "|---|---|---|---|---|---|"] + [kept[m] for m in sorted(kept, key=_order)]
     tmp = DOC.with_suffix(".md.tmp")
     tmp.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
     tmp.replace(DOC)
 
 
+def _order(name: str) -> tuple[int, str]:
+    """Table order: the modules as listed, one objective's rows after the objectives' own."""
+    base = name.split("/")[0]
+    return (list(MODULES).index(base) if base in MODULES else len(MODULES), name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}")
+    parser.add_argument("modules", nargs="*", help=f"modules to run (default: all): {', '.join(MODULES)}, "
+                        "or one objective's file, e.g. objectives/dupmae")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--write", action="store_true", help="put the rows into docs/mutation.md")
     parser.add_argument("--keep", action="store_true", help="reuse the last run's results (sources unchanged)")
     args = parser.parse_args()
-    unknown = [m for m in args.modules if m not in MODULES]
+    unknown = [m for m in args.modules if m not in MODULES and not (ROOT / "retromae" / f"{m}.py").is_file()]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     rows = {}
