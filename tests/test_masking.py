@@ -218,3 +218,166 @@ def test_token_tables_move_with_every_field():
     assert torch.equal(moved.special, tables.special) and torch.equal(moved.continuation, tables.continuation)
     assert torch.equal(moved.replacement_ids, tables.replacement_ids)
     assert (moved.mask_id, moved.pad_id) == (5, 0)
+
+
+def _metaspace_bpe(texts):
+    """A BPE model behind a SentencePiece-style Metaspace pre-tokenizer (as Llama-like vocabularies are)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<pad>", "<unk>", "<mask>", "<s>", "</s>"]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def _wordpiece_with_prefix(texts, prefix="@@"):
+    """A WordPiece vocabulary whose continuation pieces start with another prefix than '##'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=prefix))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]"]
+    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials,
+                                                                 continuing_subword_prefix=prefix))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", backend.token_to_id("[CLS]")),
+                                                 ("[SEP]", backend.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]")
+
+
+@pytest.mark.parametrize("family, start_marker", [("bert", None), ("roberta", "\u0120"), ("xlm-roberta", "\u2581"),
+                                                  ("metaspace-bpe", "\u2581"), ("wordpiece-@@", None)])
+def test_word_boundaries_follow_each_vocabularys_marker(family, start_marker):
+    """WordPiece marks a word's continuation with '##'; byte-level BPE marks a word's start with 'Ġ', SentencePiece
+    with '▁': every ordinary vocabulary entry is a continuation exactly when its marker says so."""
+    from retromae.masking import TokenTables
+    from retromae.tiny import TOKENIZERS, make_tokenizer
+
+    texts = ["the cat sat on the mat", "dogs chase cats in gardens", "a completely unrelated text about stars"] * 4
+    if family == "metaspace-bpe":
+        tokenizer = _metaspace_bpe(texts)
+    elif family == "wordpiece-@@":
+        tokenizer = _wordpiece_with_prefix(texts)
+    else:
+        tokenizer = make_tokenizer(TOKENIZERS[family], texts, vocab_size=120, max_positions=64)
+    tables = TokenTables.from_tokenizer(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    ordinary = {t: i for t, i in tokenizer.get_vocab().items() if i not in special}
+    prefix = "@@" if family == "wordpiece-@@" else "##"
+    expected = {t: t.startswith(prefix) if start_marker is None else not t.startswith(start_marker) for t in ordinary}
+    assert sum(expected.values()) > 0 and sum(not v for v in expected.values()) > 0, "both kinds occur"
+    assert {t: bool(tables.continuation[i]) for t, i in ordinary.items()} == expected
+
+
+def test_mask_targets_round_and_keep_at_least_one_where_any_exists():
+    from retromae.masking import mask_targets
+
+    maskable = torch.tensor([[0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    # 0 tokens: 0; 1 token: round(0.15) = 0 -> at least 1; 6 tokens: round(0.9) = 1
+    assert mask_targets(maskable, 0.15).tolist() == [0, 1, 1]
+    assert mask_targets(maskable, 0.5).tolist() == [0, 1, 3]  # round(0.5) = 0 -> 1; round(3.0) = 3
+
+
+def test_choose_words_per_row_by_hand():
+    """(B=2, R=2, W=3) priorities, word lengths [[2, 1, 0], [1, 1, 1]], 2 tokens each: words are taken in priority
+    order while fewer than 2 tokens are taken; an empty slot (length 0) is never taken."""
+    from retromae.masking import choose_words
+
+    lengths = torch.tensor([[2, 1, 0], [1, 1, 1]])
+    priority = torch.tensor([[[0.1, 0.5, 0.9], [0.6, 0.2, 0.0]],
+                             [[0.3, 0.2, 0.1], [0.1, 0.9, 0.5]]])
+    chosen = choose_words(lengths, torch.tensor([2, 2]), priority)
+    # b0 r0: word 0 (2 tokens) first, then 2 < 2 fails; b0 r1: word 1 (0.2), then word 0 (1 < 2), 3 tokens;
+    # b1 r0: words 2, 1; b1 r1: words 0, 2
+    assert chosen.tolist() == [[[True, False, False], [True, True, False]],
+                               [[False, True, True], [True, False, True]]]
+    assert not choose_words(lengths, torch.tensor([9, 9]), priority)[0, :, 2].any(), "empty slots never taken"
+
+
+def test_derived_seeds_keep_seeds_and_salts_apart():
+    from retromae.masking import derived_seeds
+
+    seeds = torch.arange(-500, 500, dtype=torch.int32)
+    assert derived_seeds(seeds, 3).unique().numel() == 1000, "distinct seeds stay distinct"
+    per_salt = torch.stack([derived_seeds(seeds[:4], salt) for salt in range(64)])
+    assert per_salt[:, 0].unique().numel() == 64, "distinct salts give distinct seeds"
+
+
+def test_each_word_of_a_row_gets_its_own_draw():
+    """64 one-token words, each hidden with probability 0.5 in each of 64 rows: no two words share their draws."""
+    from retromae.masking import per_row_word_masks
+
+    words = torch.arange(64)[None]
+    masks = per_row_word_masks(words, torch.full((1, 64), 0.5), example_seeds(2, 0, torch.arange(1)), 5)[0]
+    columns = {tuple(masks[:, j].tolist()) for j in range(64)}
+    assert len(columns) == 64
+    assert 0.4 < masks.float().mean().item() < 0.6
+
+
+def test_sequences_up_to_the_counter_limit_are_accepted():
+    from retromae.masking import MAX_POSITIONS, _row_word_counters
+
+    assert _row_word_counters(torch.zeros(1, MAX_POSITIONS, dtype=torch.long), torch.tensor([0])).shape == (
+        1, 1, MAX_POSITIONS)
+    with pytest.raises(ValueError, match="exceeds"):
+        _row_word_counters(torch.zeros(1, MAX_POSITIONS + 1, dtype=torch.long), torch.tensor([0]))
+
+
+def test_random_replacements_cover_the_whole_replacement_set():
+    """BERT's 10% random tokens are drawn uniformly from the ordinary vocabulary: here 3 ids, each about a third of
+    the random replacements, independently of the draw that chose random over [MASK] or keep."""
+    from retromae.masking import TokenTables, corrupt
+
+    tables = TokenTables(torch.zeros(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool), torch.tensor([5, 6, 7]),
+                         9, 0)
+    n = 20000
+    ids = torch.ones(1, n, dtype=torch.long)
+    out = corrupt(ids, torch.ones(1, n, dtype=torch.bool), example_seeds(4, 0, torch.arange(1)), tables, (1, 2))
+    replaced = out[(out != 9) & (out != 1)]
+    assert 0.08 < replaced.numel() / n < 0.12 and 0.77 < (out == 9).float().mean().item() < 0.83
+    for token in (5, 6, 7):
+        assert 0.28 < (replaced == token).float().mean().item() < 0.39, token
+
+
+def test_every_word_can_be_deleted_with_its_probability():
+    """TSDAE's deletion: word 0 is a word like any other (deleted in about 60% of rows at probability 0.6)."""
+    from retromae.masking import delete_words
+
+    n = 2000
+    words = torch.tensor([[0, 0, 1, 2, 3, -1]]).repeat(n, 1)
+    deleted = delete_words(words, 0.6, example_seeds(6, 0, torch.arange(n)), 3)
+    assert torch.equal(deleted[:, 0], deleted[:, 1]), "a word's tokens go together"
+    assert 0.55 < deleted[:, 0].float().mean().item() < 0.65
+    assert not deleted[:, 5].any() and (~deleted[:, :5]).any(-1).all(), "padding never, one word always kept"
+
+
+def test_kept_layout_rounds_the_width_up_to_its_multiple():
+    from retromae.masking import kept_layout
+
+    keep = torch.zeros(2, 20, dtype=torch.bool)
+    keep[0, [2, 5, 7]] = True
+    keep[1, [0]] = True
+    index, valid = kept_layout(keep)
+    assert index.shape == (2, 8) and valid.sum(-1).tolist() == [3, 1]
+    assert index[0, :3].tolist() == [2, 5, 7] and index[1, 0].item() == 0
+    single = torch.zeros(1, 20, dtype=torch.bool)
+    single[0, 4] = True
+    assert kept_layout(single, multiple=1)[0].tolist() == [[4]]
+
+
+def test_per_row_whole_word_masks_of_chosen_rows_equal_those_rows_of_the_whole():
+    from retromae.masking import per_row_whole_word_masks
+
+    words = torch.tensor([[0, 0, 1, 2, 3, 4, -1], [0, 1, 1, 2, -1, -1, -1]])
+    seeds = example_seeds(8, 0, torch.arange(2))
+    full = per_row_whole_word_masks(words, 0.5, seeds, 13)
+    rows = torch.tensor([5, 0, 2])
+    assert torch.equal(per_row_whole_word_masks(words, 0.5, seeds, 13, rows), full[:, rows])
+    assert full[0, :, 0].tolist() == full[0, :, 1].tolist(), "a word's pieces share their draw"
