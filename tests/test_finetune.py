@@ -111,6 +111,97 @@ def test_distillation_kl_equals_a_hand_computation():
     assert bi.num_items(batch)["distill"].item() == 0, "a group without complete teacher scores is left out"
 
 
+def _batch(queries, passages, valid, teacher=None):
+    batch = {"query_input_ids": torch.tensor(queries), "query_attention_mask": torch.ones(len(queries), 1, dtype=torch.long),
+             "passage_input_ids": torch.tensor(passages),
+             "passage_attention_mask": torch.ones(len(passages), 1, dtype=torch.long),
+             "passage_valid": torch.tensor(valid)}
+    if teacher is not None:
+        batch["teacher_scores"] = torch.tensor(teacher)
+    return batch
+
+
+def _log_softmax(xs):
+    top = max(xs)
+    norm = top + math.log(sum(math.exp(x - top) for x in xs))
+    return [x - norm for x in xs]
+
+
+def test_distillation_with_a_temperature_an_invalid_passage_and_an_incomplete_row_by_hand():
+    """KL(teacher || student) over each query's own group: teacher scores divided by distill_temperature (2), a
+    padded passage left out of both distributions, a query with a missing teacher score left out of the sum."""
+    vectors = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.1], [0.2, 0.9], [0.5, 0.5], [0.3, -0.2], [-0.4, 0.6],
+               [0.9, 0.3], [0.1, 0.1], [0.7, -0.5], [0.4, 0.4]]
+    bi = BiEncoder(Fixed(vectors), LossConfig(cross_device_negatives=False, distill_weight=1.0, distill_temperature=2.0))
+    teacher = [[2.0, 0.0, -2.0], [1.0, 3.0, float("nan")], [float("nan"), 1.0, 0.5]]
+    batch = _batch([[0], [1], [2]], [[3], [4], [5], [6], [7], [8], [9], [10], [11]],
+                   [True, True, True, True, True, False, True, True, True], teacher)
+    dot = lambda a, b: sum(x * y for x, y in zip(vectors[a], vectors[b]))  # noqa: E731
+
+    def kl(t_scores, s_scores):
+        t, s = _log_softmax([x / 2.0 for x in t_scores]), _log_softmax(s_scores)
+        return sum(math.exp(a) * (a - b) for a, b in zip(t, s))
+
+    expected = kl([2.0, 0.0, -2.0], [dot(0, 3), dot(0, 4), dot(0, 5)]) + kl([1.0, 3.0], [dot(1, 6), dot(1, 7)])
+    assert bi(batch)["distill"].item() == pytest.approx(expected, rel=1e-5)
+    assert bi.num_items(batch)["distill"].item() == 2
+
+
+def test_margin_mse_over_pairs_with_teacher_scores_by_hand():
+    """MarginMSE: ((s+ - s-) - (t+ - t-))^2 over each (positive, negative) pair whose two passages are there and
+    scored by the teacher; its gradient stays finite beside a padded passage (a score of -inf)."""
+    vectors = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.1], [0.2, 0.9], [0.5, 0.5], [0.3, -0.2], [-0.4, 0.6]]
+    bi = BiEncoder(Fixed(vectors), LossConfig(cross_device_negatives=False, distill_weight=1.0,
+                                              distill_loss="margin_mse"))
+    teacher = [[3.0, 1.0, 0.0], [2.0, float("nan"), 5.0]]
+    batch = _batch([[0], [1]], [[2], [3], [4], [5], [6], [7]], [True, True, True, True, True, False], teacher)
+    dot = lambda a, b: sum(x * y for x, y in zip(vectors[a], vectors[b]))  # noqa: E731
+    # query 0: pairs (2, 3) and (2, 4); query 1: passage 6 has no teacher score, passage 7 is padding: no pair
+    expected = ((dot(0, 2) - dot(0, 3)) - (3.0 - 1.0)) ** 2 + ((dot(0, 2) - dot(0, 4)) - (3.0 - 0.0)) ** 2
+    loss = bi(batch)["distill"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(bi.encoder.vectors.grad).all()
+
+
+class FixedTokens(torch.nn.Module):
+    """A stand-in encoder whose hidden state at each position is the given vector of that position's token id."""
+
+    def __init__(self, vectors, dtype=torch.float32):
+        super().__init__()
+        self.vectors = torch.nn.Parameter(torch.tensor(vectors, dtype=dtype))
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"last_hidden_state": self.vectors[input_ids]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cosine_over_mean_pooled_vectors_by_hand(dtype):
+    """pooling mean over the attended positions, similarity cosine, temperature 0.05; bf16 hidden states are pooled
+    and normalised in fp32 (the values below are exact in bf16, so the hand computation in float64 holds)."""
+    vectors = [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.75, -0.25], [-0.5, 1.0], [9.0, 9.0]]
+    bi = BiEncoder(FixedTokens(vectors, dtype), LossConfig(similarity="cosine", pooling="mean", temperature=0.05,
+                                                           cross_device_negatives=False))
+    batch = {"query_input_ids": torch.tensor([[0, 1, 5], [2, 5, 5]]),
+             "query_attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+             "passage_input_ids": torch.tensor([[3, 4, 5], [0, 5, 5]]),
+             "passage_attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+             "passage_valid": torch.tensor([True, True])}
+
+    def mean_unit(ids):
+        v = [sum(vectors[i][d] for i in ids) / len(ids) for d in range(2)]
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    q = [mean_unit([0, 1]), mean_unit([2])]
+    p = [mean_unit([3, 4]), mean_unit([0])]  # token 5 (padding) must not count
+    expected = 0.0
+    for i in range(2):
+        logits = [sum(a * b for a, b in zip(q[i], pj)) / 0.05 for pj in p]
+        expected += -logits[i] + math.log(sum(math.exp(x) for x in logits))
+    assert bi(batch)["contrastive"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_group_sampling():
     import random
 
