@@ -381,3 +381,31 @@ def test_per_row_whole_word_masks_of_chosen_rows_equal_those_rows_of_the_whole()
     rows = torch.tensor([5, 0, 2])
     assert torch.equal(per_row_whole_word_masks(words, 0.5, seeds, 13, rows), full[:, rows])
     assert full[0, :, 0].tolist() == full[0, :, 1].tolist(), "a word's pieces share their draw"
+
+
+def test_token_tables_cover_the_model_vocabulary_and_refuse_a_text_start_without_a_special_token():
+    from retromae.masking import TokenizerError, TokenTables
+    from retromae.tiny import TOKENIZERS, make_tokenizer
+
+    texts = ["the cat sat on the mat", "dogs chase cats in gardens"] * 4
+    tokenizer = make_tokenizer(TOKENIZERS["bert"], texts, vocab_size=80, max_positions=64)
+    assert TokenTables.from_tokenizer(tokenizer).special.shape == (len(tokenizer),)
+    # a model whose embedding table is larger than the tokenizer (padded vocabularies): the tables cover it
+    assert TokenTables.from_tokenizer(tokenizer, vocab_size=len(tokenizer) + 7).special.shape == (len(tokenizer) + 7,)
+    bare = _metaspace_bpe(texts)
+    bare.backend_tokenizer.post_processor = None  # nothing before the text: position 0 would be a word
+    with pytest.raises(TokenizerError, match="no special token before a text"):
+        TokenTables.from_tokenizer(bare)
+
+
+def test_word_boundaries_of_a_tokenizer_without_a_backend():
+    """A tokenizer object without a fast backend: '##' pieces in its vocabulary mark continuations; a vocabulary
+    with no marker at all is refused."""
+    from types import SimpleNamespace
+
+    from retromae.masking import TokenizerError, _word_marker
+
+    assert _word_marker(SimpleNamespace(get_vocab=lambda: {"cat": 0, "##s": 1}, name_or_path="x")) == (
+        "continuation-prefix", "##")
+    with pytest.raises(TokenizerError, match="cannot tell word boundaries"):
+        _word_marker(SimpleNamespace(get_vocab=lambda: {"cat": 0, "s": 1}, name_or_path="x"))
