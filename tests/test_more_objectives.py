@@ -465,6 +465,9 @@ def test_srl_loss_and_its_kl_sends_no_gradient_to_the_full_size(tiny_model):
     pairs = [[1, 8], [2, 16], [2, 32]]  # the last is the full size (2 layers of 32): not an extra pair
     bi = BiEncoder(encoder, LossConfig(starbucks_pairs=pairs, cross_device_negatives=False))
     assert bi.pairs == [(1, 8), (2, 16)]
+    for too_big in ([[1, 64]], [[3, 8]]):  # wider than the model, or deeper
+        with pytest.raises(ConfigError, match="does not fit"):
+            BiEncoder(encoder, LossConfig(starbucks_pairs=too_big, cross_device_negatives=False))
     q = tokenizer(["open a file", "close the stream"], padding=True, return_tensors="pt")
     p = tokenizer(["read bytes from a file", "a socket", "flush and close", "stream of text"], padding=True,
                   return_tensors="pt")
@@ -496,6 +499,12 @@ def test_srl_loss_and_its_kl_sends_no_gradient_to_the_full_size(tiny_model):
     kl.backward()
     assert queries.grad[:, :32].abs().max() == 0 and passages.grad[:, :32].abs().max() == 0
     assert queries.grad[:, 32:].abs().max() > 0
+    # with teacher scores, distillation reads the full-size scores of each query's own group: KL(teacher || student)
+    bi.cfg.distill_weight = 1.0
+    batch["teacher_scores"] = torch.tensor([[2.0, -1.0], [0.5, 1.5]])
+    expected = sum(F.kl_div(full[i, 2 * i: 2 * i + 2].log_softmax(-1), batch["teacher_scores"][i].log_softmax(-1),
+                            log_target=True, reduction="sum") for i in range(2))
+    assert bi(batch)["distill"].item() == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_layer_and_dim_evaluation_encodes_once_and_scores_every_pair(tiny_model, beir_task, tmp_path):
