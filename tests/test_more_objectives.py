@@ -475,7 +475,8 @@ def test_srl_loss_and_its_kl_sends_no_gradient_to_the_full_size(tiny_model):
              "passage_input_ids": p["input_ids"], "passage_attention_mask": p["attention_mask"],
              "passage_valid": torch.ones(4, dtype=torch.bool)}
     losses = bi(batch)
-    assert set(losses) == {"contrastive", "srl_ce", "srl_kl"} and bi.num_items(batch)["srl_kl"].item() == 2
+    assert set(losses) == {"contrastive", "srl_ce", "srl_kl"}
+    assert bi.num_items(batch)["srl_kl"].item() == 2 and bi.num_items(batch)["srl_ce"].item() == 2
     # by hand, from the hidden states
     with torch.no_grad():
         qs = encoder(**q, output_hidden_states=True).hidden_states

@@ -57,6 +57,39 @@ def test_flops_and_its_warm_up_by_hand():
     assert bi.loss_weights["nnz_q"] == 0.0, "sparsity is reported, not trained"
 
 
+def test_flops_of_a_launch_is_each_process_share_of_the_global_value(monkeypatch):
+    """Process 1 of 2: the global batch's column means over every process's valid rows, squared and summed, and this
+    process returns half of it (the trainer adds the processes' shares); its items count the value once, on
+    process 0 only."""
+    import retromae.finetune.model as model_module
+
+    other_columns, other_count = torch.tensor([[4.0, 0.0, 1.0]]), torch.tensor([3.0])  # process 0's sums, 3 rows
+    monkeypatch.setattr(model_module, "world", lambda: (1, 2))
+    monkeypatch.setattr(model_module, "gather_with_grad", lambda t: torch.cat([other_columns, t]))
+    monkeypatch.setattr(model_module, "gather", lambda t: torch.cat([other_count, t]))
+    w = torch.tensor([[1.0, 0.0, 2.0], [3.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+    valid = torch.tensor([True, True, False])
+    # columns over 5 rows: (4 + 4, 0 + 1, 1 + 2) / 5 = (1.6, 0.2, 0.6); squares 2.56 + 0.04 + 0.36 = 2.96; half: 1.48
+    assert flops(w, valid).item() == pytest.approx(1.48)
+    bi = BiEncoder(torch.nn.Linear(1, 1), LossConfig(representation="splade", cross_device_negatives=False))
+    items = bi.num_items({"query_input_ids": torch.zeros(2, 1, dtype=torch.long),
+                          "passage_valid": torch.tensor([True, False, True, True])})
+    assert items["flops_q"].item() == 0.0 and items["flops_d"].item() == 0.0, "counted on process 0 only"
+    assert items["nnz_q"].item() == 2 and items["nnz_d"].item() == 3
+    monkeypatch.setattr(model_module, "world", lambda: (0, 2))
+    assert bi.num_items({"query_input_ids": torch.zeros(2, 1, dtype=torch.long),
+                         "passage_valid": torch.ones(4, dtype=torch.bool)})["flops_q"].item() == 1.0
+
+
+def test_kl_sum_leaves_out_masked_entries_by_hand():
+    from retromae.finetune.model import _kl_sum
+
+    teacher = torch.tensor([[0.25, 0.75, 0.0]]).log()  # the third entry is masked (-inf)
+    student = torch.tensor([[0.5, 0.5, 0.0]]).log()
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert _kl_sum(teacher, student).item() == pytest.approx(expected, rel=1e-6)
+
+
 class Vectors(torch.nn.Module):
     """A stand-in SPLADE encoder: text i (its first token id) is the given vocabulary vector."""
 
