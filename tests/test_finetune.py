@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from conftest import free_port
+from retromae.config import ConfigError
 from retromae.data.corpus import CorpusError
 from retromae.demo import docstring_corpus, split_first_sentence
 from retromae.finetune.data import load_training_data, sample_group
@@ -200,6 +201,96 @@ def test_cosine_over_mean_pooled_vectors_by_hand(dtype):
         logits = [sum(a * b for a, b in zip(q[i], pj)) / 0.05 for pj in p]
         expected += -logits[i] + math.log(sum(math.exp(x) for x in logits))
     assert bi(batch)["contrastive"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_grad_cache_in_process_equals_the_same_chunks_without_it(tiny_model, tiny_tokenizer, chunk):
+    """GradCache (`grad_cache_chunk`) with dropout on: its vectors and gradients are those of encoding the same
+    chunks in turn without it, dropout masks included (each chunk's re-run in the backward pass restores its RNG
+    state). The 2-process test compares it with the uncached loss without dropout; this one runs in the process."""
+    from transformers import AutoModel
+
+    from retromae.modeling import ModelConfig, load_pretrained
+
+    encoder = load_pretrained(AutoModel, ModelConfig(name_or_path=str(tiny_model), dropout=0.3)).train()
+    texts = ["open a file", "close the stream now", "read bytes", "a socket", "flush and close it"]
+    enc = tiny_tokenizer(texts, padding=True, return_tensors="pt")
+    weights = torch.randn(5, encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def run(grad_cache: bool):
+        bi = BiEncoder(encoder, LossConfig(grad_cache_chunk=chunk if grad_cache else 0, cross_device_negatives=False))
+        encoder.zero_grad()
+        torch.manual_seed(7)
+        if grad_cache:
+            vectors = bi.embed(encoder, enc["input_ids"], enc["attention_mask"])
+        else:
+            vectors = torch.cat([bi._embed(encoder, enc["input_ids"][i : i + chunk], enc["attention_mask"][i : i + chunk])
+                                 for i in range(0, 5, chunk)])
+        (vectors * weights).sum().backward()
+        return vectors.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+
+    cached, cached_grads = run(True)
+    plain, plain_grads = run(False)
+    assert cached.shape == (5, encoder.config.hidden_size) and torch.allclose(cached, plain, atol=1e-6)
+    assert cached_grads.keys() == plain_grads.keys() and len(plain_grads) > 5
+    for name in plain_grads:
+        assert torch.allclose(cached_grads[name], plain_grads[name], atol=1e-5), name
+    with torch.no_grad():  # without gradients nothing is cached: the whole batch in one pass
+        torch.manual_seed(7)
+        whole = BiEncoder(encoder, LossConfig(grad_cache_chunk=chunk)).embed(encoder, enc["input_ids"],
+                                                                            enc["attention_mask"])
+        torch.manual_seed(7)
+        assert torch.equal(whole, BiEncoder(encoder, LossConfig())._embed(encoder, enc["input_ids"],
+                                                                          enc["attention_mask"]))
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"representation": "dupmae", "similarity": "cosine"}, "scores by dot product"),
+    ({"representation": "splade", "similarity": "cosine"}, "scores by dot product"),
+    ({"representation": "splade", "shared_encoder": False}, "one encoder for queries and documents"),
+    ({"flops_query_weight": -0.1}, "must be >= 0"),
+    ({"flops_warmup_steps": -1}, "must be >= 0"),
+    ({"starbucks_pairs": [[1]]}, "is not a \\[layer, dim\\]"),
+    ({"starbucks_pairs": [[0, 8]]}, "is not a \\[layer, dim\\]"),
+])
+def test_loss_settings_that_cannot_work_are_refused(settings, refused):
+    with pytest.raises(ConfigError, match=refused):
+        LossConfig(**settings).validate()
+
+
+def test_loss_settings_at_their_edges_are_accepted():
+    LossConfig(flops_query_weight=0.0, flops_doc_weight=0.0, flops_warmup_steps=0, representation="splade").validate()
+    LossConfig(temperature=0.01, similarity="cosine").validate()
+
+
+def test_separate_towers_encode_queries_with_the_query_encoder():
+    passages_tower = Fixed([[1.0, 0.0], [0.0, 1.0]])
+    queries_tower = Fixed([[0.5, 0.5], [2.0, -1.0]])
+    with pytest.raises(ValueError, match="needs a query encoder"):
+        BiEncoder(passages_tower, LossConfig(shared_encoder=False))
+    bi = BiEncoder(passages_tower, LossConfig(shared_encoder=False), query_encoder=queries_tower)
+    batch = _batch([[1]], [[0]], [True])
+    assert bi.encode_queries(batch).tolist() == [[2.0, -1.0]] and bi.encode_passages(batch).tolist() == [[1.0, 0.0]]
+    shared = BiEncoder(passages_tower, LossConfig(), query_encoder=queries_tower)
+    assert shared.encode_queries(batch).tolist() == [[0.0, 1.0]], "a shared encoder ignores a second tower"
+
+
+def test_a_padded_batch_embeds_each_text_as_alone(tiny_model, tiny_tokenizer):
+    from transformers import AutoModel
+
+    from retromae.modeling import ModelConfig, load_pretrained
+
+    encoder = load_pretrained(AutoModel, ModelConfig(name_or_path=str(tiny_model), dropout=0.0)).eval()
+    bi = BiEncoder(encoder, LossConfig(pooling="mean"))
+    texts = ["open", "close the stream of bytes now and then"]
+    enc = tiny_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        batch = bi.embed(encoder, enc["input_ids"], enc["attention_mask"])
+        for i, text in enumerate(texts):
+            alone = tiny_tokenizer([text], return_tensors="pt")
+            assert torch.allclose(batch[i], bi.embed(encoder, alone["input_ids"], alone["attention_mask"])[0],
+                                  atol=1e-5), text
 
 
 def test_group_sampling():
