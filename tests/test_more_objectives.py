@@ -221,6 +221,15 @@ def test_pmi_without_statistics_is_refused_and_probabilities_keep_the_ratio(tiny
     assert (p * lengths).sum(-1).tolist() == pytest.approx([2.5, 2.5])
     assert p[0].tolist() == pytest.approx([1.0, 0.375, 0.375, 0.375, 0.0])  # top word capped, the rest: 1.5 / 4
     assert p[1].tolist() == pytest.approx([w / 6 for w in (1, 2, 3, 4, 5)])
+    # the objective's own chances: the expected number of hidden tokens is the ratio of every word token, word 0's too
+    from retromae.masking import word_lengths
+
+    objective.attach_corpus_statistics(torch.full((len(tokenizer),), 7), 7 * len(tokenizer))
+    batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[:3]]))
+    words = batch["words"]
+    chance = objective.word_chance(batch)
+    expected = objective.config.decoder_mask_ratio * (words >= 0).sum(-1).float()
+    assert (chance * word_lengths(words)).sum(-1).tolist() == pytest.approx(expected.tolist(), rel=1e-5)
 
 
 # ----- TSDAE ----------------------------------------------------------------------------------------------
