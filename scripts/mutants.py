@@ -48,10 +48,14 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+# objective files whose code also serves fine-tuning and search (DupMAE's representation: its export, the joint score)
+ALSO_TESTED_BY = {"objectives/dupmae": ["tests/test_finetune.py", "tests/test_retrieval.py", "tests/test_index.py"]}
+
+
 def selection(name: str) -> tuple[list[str], list[str]]:
     """A module's files and tests; `objectives/NAME` is one objective's file with the objectives' tests."""
     if name.startswith("objectives/"):
-        return [f"retromae/{name}.py"], MODULES["objectives"][1]
+        return [f"retromae/{name}.py"], MODULES["objectives"][1] + ALSO_TESTED_BY.get(name, [])
     return MODULES[name]
 
 
