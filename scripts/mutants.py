@@ -102,13 +102,15 @@ def prepare_copy(name: str) -> Path:
     return work
 
 
-def run_module(name: str, max_children: int, keep: bool) -> Counter:
-    work = prepare_copy(name)
-    if not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
-        shutil.rmtree(work / "mutants", ignore_errors=True)
+def run_module(name: str, max_children: int, keep: bool, recount: bool = False) -> Counter:
+    work = ROOT / ".mutmut" / name.replace("/", "-")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     mutmut = Path(sys.executable).with_name("mutmut")
-    subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
+    if not recount:
+        work = prepare_copy(name)
+        if not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
+            shutil.rmtree(work / "mutants", ignore_errors=True)
+        subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
     shown = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                            text=True, check=True).stdout
     return tally(shown, equivalent_mutants())
@@ -164,13 +166,15 @@ def main() -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--write", action="store_true", help="put the rows into docs/mutation.md")
     parser.add_argument("--keep", action="store_true", help="reuse the last run's results (sources unchanged)")
+    parser.add_argument("--recount", action="store_true", help="count the last run's results again, with the "
+                        "equivalent mutants docs/mutation.md lists now (nothing is run)")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES and not (ROOT / "retromae" / f"{m}.py").is_file()]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     rows = {}
     for name in args.modules or list(MODULES):
-        rows[name] = row(name, run_module(name, args.max_children, args.keep))
+        rows[name] = row(name, run_module(name, args.max_children, args.keep, args.recount))
         print(rows[name], flush=True)
     if args.write:
         write_table(rows)
