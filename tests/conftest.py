@@ -140,3 +140,15 @@ def tiny_config(model_dir, corpus, output_dir, **sections):
         for k, v in values.items():
             overrides[f"{section}.{k}"] = v
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: torch's intra-op threads only contend there (20x slower runs). A test
+    module takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

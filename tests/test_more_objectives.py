@@ -16,13 +16,7 @@ from retromae.objectives import build_objective_config, objective_class
 from retromae.rng import example_seeds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: torch's intra-op threads only contend there (20x slower runs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models
 
 
 def make(model_dir, name, **settings):

@@ -15,12 +15,7 @@ from test_more_objectives import batch_of, document_batch, make, ordinary_ids
 from retromae.rng import example_seeds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models
 
 
 def texts(docstrings, n):

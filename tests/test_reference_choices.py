@@ -14,12 +14,7 @@ from retromae.config import ConfigError
 from retromae.rng import example_seeds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models
 
 
 # ----- SEED-Encoder: the decoder's own positions and a plain tied projection ---------------------------------
