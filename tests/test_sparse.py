@@ -197,7 +197,7 @@ def test_fusion_by_hand():
 
 
 @pytest.mark.slow
-def test_splade_cross_device_and_grad_cache_equal_one_process(tiny_model, tevatron_file, tmp_path):
+def test_splade_cross_device_and_grad_cache_equal_one_process(tiny_model, tevatron_file, tmp_path):  # noqa: F811 (the fixture)
     """SPLADE's InfoNCE, FLOPS (queries and documents) and gradients: 2 processes x 4 queries with cross-device
     negatives == 1 process x 8 queries == 1 process x 8 queries under GradCache (float64)."""
     extra = json.dumps({"loss.representation": "splade", "loss.temperature": 1.0, "loss.flops_query_weight": 0.3,
