@@ -78,9 +78,9 @@ def prepare_copy(name: str) -> Path:
     files, tests = selection(name)
     work = ROOT / ".mutmut" / name.replace("/", "-")
     work.mkdir(parents=True, exist_ok=True)
-    for folder in ("retromae", "tests"):
-        shutil.copytree(ROOT / folder, work / folder, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for folder in ("retromae", "tests"):  # copied afresh: a file removed from the project must not linger here
+        shutil.rmtree(work / folder, ignore_errors=True)
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     pytest_ini = project["tool"]["pytest"]["ini_options"]
     section = "\n".join([
