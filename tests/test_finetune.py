@@ -86,9 +86,7 @@ def test_cross_device_targets_are_offset_by_the_passages_before_this_process(mon
     monkeypatch.setattr(model_module, "gather_with_grad", lambda t: torch.cat([other, t]))
     monkeypatch.setattr(model_module, "gather", lambda t: torch.cat([torch.ones(4, dtype=t.dtype), t]))
     bi = BiEncoder(Fixed(vectors), LossConfig(similarity="dot", temperature=0.5, cross_device_negatives=True))
-    batch = {"query_input_ids": torch.tensor([[0], [1]]), "query_attention_mask": torch.ones(2, 1, dtype=torch.long),
-             "passage_input_ids": torch.tensor([[2], [3], [4], [5]]), "passage_attention_mask": torch.ones(4, 1, dtype=torch.long),
-             "passage_valid": torch.tensor([True, True, True, True])}
+    batch = _batch([[0], [1]], [[2], [3], [4], [5]], [True, True, True, True])
     passages = other.tolist() + vectors[2:]
     expected = 0.0
     for i, target in ((0, 4), (1, 6)):
