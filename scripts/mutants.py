@@ -108,13 +108,40 @@ def prepare_copy(name: str) -> Path:
     return work
 
 
-def run_module(name: str, max_children: int, keep: bool, recount: bool = False) -> Counter:
+def reopen_survivors(work: Path) -> int:
+    """Set every verdict of the last run but "killed" back to untested, and keep the rest: with tests only added since
+    (a kill stays a kill), mutmut then collects the new tests' reach and re-tests the mutants that were not killed.
+    mutmut would reset every verdict on a changed test selection; its configuration fingerprint is dropped for that
+    reason (a function whose source changed is still re-tested whole: mutmut compares each function's hash)."""
+    from mutmut.stats import status_by_exit_code
+
+    stats = work / "mutants" / "mutmut-stats.json"
+    if not stats.exists():
+        raise SystemExit(f"{work}: no earlier run to take the survivors of (run the module without --survivors)")
+    data = json.loads(stats.read_text(encoding="utf-8"))
+    data.pop("config_fingerprint", None)
+    stats.write_text(json.dumps(data), encoding="utf-8")
+    reopened = 0
+    for meta_path in (work / "mutants").rglob("*.py.meta"):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        codes = meta["exit_code_by_key"]
+        for key, code in codes.items():
+            if code is not None and status_by_exit_code[code] != "killed":
+                codes[key] = None
+                reopened += 1
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    return reopened
+
+
+def run_module(name: str, max_children: int, keep: bool, recount: bool = False, survivors: bool = False) -> Counter:
     work = ROOT / ".mutmut" / name.replace("/", "-")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     mutmut = Path(sys.executable).with_name("mutmut")
     if not recount:
         work = prepare_copy(name)
-        if not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
+        if survivors:
+            print(f"{name}: {reopen_survivors(work)} mutants not killed by the last run re-tested", flush=True)
+        elif not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
             shutil.rmtree(work / "mutants", ignore_errors=True)
         subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
     shown = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work, env=env, capture_output=True,
@@ -172,6 +199,8 @@ def main() -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--write", action="store_true", help="put the rows into docs/mutation.md")
     parser.add_argument("--keep", action="store_true", help="reuse the last run's results (sources unchanged)")
+    parser.add_argument("--survivors", action="store_true", help="re-test only the mutants the last run did not "
+                        "kill, with the tests of now (tests added since; a kill stays a kill)")
     parser.add_argument("--recount", action="store_true", help="count the last run's results again, with the "
                         "equivalent mutants docs/mutation.md lists now (nothing is run)")
     args = parser.parse_args()
@@ -180,7 +209,7 @@ def main() -> int:
         parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     rows = {}
     for name in args.modules or list(MODULES):
-        rows[name] = row(name, run_module(name, args.max_children, args.keep, args.recount))
+        rows[name] = row(name, run_module(name, args.max_children, args.keep, args.recount, args.survivors))
         print(rows[name], flush=True)
     if args.write:
         write_table(rows)
