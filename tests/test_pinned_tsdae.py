@@ -91,3 +91,14 @@ def test_the_loss_is_named_as_its_items_are_counted(tiny_model, docstrings):
     assert set(losses) == set(objective.num_items(batch)) == {"decoder"}
     # the count: every real position after the first is a target (hand count from the attention mask)
     assert objective.num_items(batch)["decoder"].item() == int(batch["attention_mask"][:, 1:].sum())
+
+
+def test_the_causal_visibility_is_made_on_the_device_of_its_mask():
+    """Row i sees columns j <= i that are real (by hand for one row of 4 with 1 pad); made where the mask lives: the
+    meta device stands in for a GPU here (a tensor left on the CPU cannot be combined with it)."""
+    from retromae.objectives.tsdae import causal_visibility
+
+    visible = causal_visibility(torch.tensor([[1, 1, 1, 0]]))
+    assert visible[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    on_meta = causal_visibility(torch.ones(2, 5, dtype=torch.long, device="meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 5, 5)
