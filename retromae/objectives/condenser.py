@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from retromae.config import ConfigError
 from retromae.data.examples import special_wrapping
 from retromae.distributed import gather, gather_with_grad, world
+from retromae.inputs import position_limit
 from retromae.masking import derived_seeds
 from retromae.decoders import DecoderStack
 from retromae.objectives.base import full_precision, masked_lm_loss_sum, register
@@ -182,7 +183,7 @@ class CoCondenser(Condenser):
     def __init__(self, encoder, tokenizer, config: CoCondenserConfig):
         super().__init__(encoder, tokenizer, config)
         prefix, suffix = special_wrapping(tokenizer)
-        positions = getattr(encoder.config, "max_position_embeddings", None)
+        positions = position_limit(encoder.config)  # RoBERTa's table holds 2 positions fewer than its rows
         if config.span_source == "document_spans" and positions is not None \
                 and config.span_tokens + len(prefix) + len(suffix) > positions:
             raise ConfigError(f"objective.span_tokens={config.span_tokens} plus {len(prefix) + len(suffix)} special "
