@@ -52,6 +52,7 @@ from retromae.masking import (
     whole_word_mask,
 )
 from retromae.decoders import DecoderStack
+from retromae.inputs import position_limit
 from retromae.objectives.base import masked_lm_loss_sum, register
 from retromae.objectives.mlm import MaskedLM, MLMConfig
 from retromae.rng import uniform
@@ -310,7 +311,7 @@ class CoTMAE(MaskedLM):
     def __init__(self, encoder, tokenizer, config: CoTMAEConfig):
         super().__init__(encoder, tokenizer, config)
         prefix, suffix = special_wrapping(tokenizer)
-        positions = getattr(encoder.config, "max_position_embeddings", None)
+        positions = position_limit(encoder.config)  # RoBERTa's table holds 2 positions fewer than its rows
         if positions is not None and config.max_span_tokens + len(prefix) + len(suffix) > positions:
             raise ConfigError(f"objective.max_span_tokens={config.max_span_tokens} plus {len(prefix) + len(suffix)} "
                               f"special tokens exceeds the model's {positions} positions", key="max_span_tokens")
