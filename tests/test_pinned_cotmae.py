@@ -169,13 +169,16 @@ def test_reference_targets_span_min_to_max_tokens(monkeypatch, draw, short_prob,
     assert cut["ends"][0, 0].item() == target + 1
 
 
-def test_reference_cut_of_an_empty_document_has_no_span():
+def test_an_empty_document_has_no_span():
     """A document without tokens (all padding, sentence id -1) has 0 sentences and makes 0 spans, beside a document
     of two 2-token sentences (T = 8: one span)."""
     cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 8, "short_span_prob": 0.0,
                                   "span_cut": "reference"})
     sentence_ids = torch.tensor([[0, 0, 1, 1], [-1, -1, -1, -1]])
     cut = cotmae.reference_cut(sentence_ids, seeds(2), cfg)
+    assert cut["sentences"].tolist() == [2, 0]
+    assert cut["spans"].tolist() == [1, 0]
+    cut = cotmae.whole_sentence_cut(sentence_ids, torch.tensor([8, 8]))  # our cut: the same
     assert cut["sentences"].tolist() == [2, 0]
     assert cut["spans"].tolist() == [1, 0]
 
