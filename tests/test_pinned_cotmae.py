@@ -303,3 +303,11 @@ def test_tensors_are_made_on_the_inputs_device(monkeypatch, tiny_modernbert):
                                                torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3, 4]], device=meta),
                                                torch.tensor([0.5], device=meta))
     assert window.device == exists.device == meta
+
+
+def test_decoder_mask_ratio_must_lie_strictly_between_0_and_1():
+    build_objective_config({"name": "cotmae", "decoder_mask_ratio": 0.01})
+    build_objective_config({"name": "cotmae", "decoder_mask_ratio": 0.99})
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="decoder_mask_ratio"):
+            build_objective_config({"name": "cotmae", "decoder_mask_ratio": bad})
