@@ -311,3 +311,15 @@ def test_decoder_mask_ratio_must_lie_strictly_between_0_and_1():
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError, match="decoder_mask_ratio"):
             build_objective_config({"name": "cotmae", "decoder_mask_ratio": bad})
+
+
+def test_span_and_decoder_bounds_accept_their_edges():
+    """min_span_tokens 1 and min == max accepted, 0 and min > max refused; short_span_prob 0 and 1 accepted, 1.5
+    refused; decoder_layers 1 accepted, 0 refused (each checked alone)."""
+    for good in ({"min_span_tokens": 1}, {"min_span_tokens": 128}, {"short_span_prob": 0.0}, {"short_span_prob": 1.0},
+                 {"decoder_layers": 1}):
+        build_objective_config({"name": "cotmae", **good})
+    for bad, message in (({"min_span_tokens": 0}, "min_span_tokens"), ({"min_span_tokens": 129}, "min_span_tokens"),
+                         ({"short_span_prob": 1.5}, "short_span_prob"), ({"decoder_layers": 0}, "decoder_layers")):
+        with pytest.raises(ConfigError, match=message):
+            build_objective_config({"name": "cotmae", **bad})
