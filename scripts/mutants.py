@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "mutation.md"
 MESSAGE_LINES = [r"^\s*raise ", r"^\s*(logger|logging)\.", r"^\s*warnings\.warn\(", r"^\s*print\("]
 BEGIN, END = "<!-- mutants:begin -->", "<!-- mutants:end -->"
+SKIPPED, UNCHECKED = 34, "unchecked.json"  # mutmut's exit code for a skipped mutant; the list kept during --survivors
 
 # module name -> (the files mutated, the fast tests that pin their rules)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -121,16 +122,34 @@ def reopen_survivors(work: Path) -> int:
     data = json.loads(stats.read_text(encoding="utf-8"))
     data.pop("config_fingerprint", None)
     stats.write_text(json.dumps(data), encoding="utf-8")
-    reopened = 0
+    reopened, unchecked = 0, []
     for meta_path in (work / "mutants").rglob("*.py.meta"):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         codes = meta["exit_code_by_key"]
         for key, code in codes.items():
-            if code is not None and status_by_exit_code[code] != "killed":
+            if code is None:  # a run stopped before it: no survivor; left for a full run (skipped now, restored after)
+                codes[key] = SKIPPED
+                unchecked.append(key)
+            elif status_by_exit_code[code] != "killed":
                 codes[key] = None
                 reopened += 1
         meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    (work / "mutants" / UNCHECKED).write_text(json.dumps(unchecked), encoding="utf-8")
     return reopened
+
+
+def restore_unchecked(work: Path) -> None:
+    """The mutants a stopped run never reached are "not checked" again after a `--survivors` run."""
+    listed = work / "mutants" / UNCHECKED
+    if not listed.exists():
+        return
+    unchecked = set(json.loads(listed.read_text(encoding="utf-8")))
+    for meta_path in (work / "mutants").rglob("*.py.meta"):
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        codes = meta["exit_code_by_key"]
+        codes.update({key: None for key in codes if key in unchecked and codes[key] == SKIPPED})
+        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    listed.unlink()
 
 
 def run_module(name: str, max_children: int, keep: bool, recount: bool = False, survivors: bool = False) -> Counter:
@@ -144,6 +163,7 @@ def run_module(name: str, max_children: int, keep: bool, recount: bool = False, 
         elif not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
             shutil.rmtree(work / "mutants", ignore_errors=True)
         subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
+        restore_unchecked(work)
     shown = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                            text=True, check=True).stdout
     return tally(shown, equivalent_mutants())
@@ -159,7 +179,7 @@ def tally(results: str, equivalent: dict[str, str]) -> Counter:
             counts["equivalent"] += 1
             continue
         counts[status.strip()] += 1
-        if status.strip() != "killed":
+        if status.strip() not in ("killed", "not checked"):
             print(f"  {status.strip()}: {mutant}")
     return counts
 
@@ -168,10 +188,12 @@ def row(name: str, counts: Counter) -> str:
     """One table row: killed over the non-equivalent mutants (a timeout counts as killed, as mutmut counts it)."""
     killed = counts["killed"] + counts["timeout"]
     total = sum(v for k, v in counts.items() if k != "equivalent")
-    share = killed / total if total else 0.0
+    checked = total - counts["not checked"]  # a run stopped part-way: the share of what it checked, said so
+    share = killed / checked if checked else 0.0
     rest = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()) if k not in ("killed", "timeout", "equivalent"))
-    return (f"| {name} | {total + counts['equivalent']} | {counts['equivalent']} | {killed} / {total} | "
-            f"**{share:.1%}** | {rest or '-'} |")
+    partial = " of those checked" if counts["not checked"] else ""
+    return (f"| {name} | {total + counts['equivalent']} | {counts['equivalent']} | {killed} / {checked} | "
+            f"**{share:.1%}**{partial} | {rest or '-'} |")
 
 
 def write_table(rows: dict[str, str]) -> None:
