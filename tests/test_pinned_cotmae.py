@@ -323,3 +323,70 @@ def test_span_and_decoder_bounds_accept_their_edges():
                          ({"short_span_prob": 1.5}, "short_span_prob"), ({"decoder_layers": 0}, "decoder_layers")):
         with pytest.raises(ConfigError, match=message):
             build_objective_config({"name": "cotmae", **bad})
+
+
+# ----- the anchor and its partner: which span each draw picks ----------------------------------------------------
+
+
+def stream_draws(values):
+    """A stand-in for retromae.rng.uniform that returns values[stream] for every draw (0 for other streams)."""
+    def draw(seeds, stream, counters):
+        shape = torch.broadcast_shapes((seeds.shape[0],) + (1,) * (counters.dim() - 1), counters.shape)
+        return torch.full(shape, values.get(stream, 0.0), dtype=torch.float32, device=seeds.device)
+    return draw
+
+
+THREE_SPANS = torch.tensor([[0, 0, 1, 1, 2, 2]])  # three 2-token sentences; T = 2: spans [0, 1), [1, 2), [2, 3)
+
+
+@pytest.mark.parametrize("u, anchor", [(0.99, (2, 3)), (0.5, (1, 2)), (0.0, (0, 1))])
+def test_anchor_is_span_floor_u_times_spans(monkeypatch, u, anchor):
+    """Three spans: the anchor is span floor(u * 3): u = 0.99 -> 2 (the last span is reachable), 0.5 -> 1, 0 -> 0."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert tuple(pairs["anchor"][0].tolist()) == anchor
+
+
+@pytest.mark.parametrize("u, partner", [(0.99, (1, 2)), (0.4, (0, 1))])
+def test_random_partner_is_uniform_among_the_other_spans(monkeypatch, u, partner):
+    """Three spans, anchor span 2 (u = 0.99), kind RANDOM (u = 0 -> floor(0 * 3) = 0): the partner is the k-th of the
+    2 other spans, k = floor(u * (3 - 1)): u = 0.99 -> k = 1 (span 1), u = 0.4 -> floor(0.8) = 0 (span 0)."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: 0.99, cotmae.PARTNER_TYPE: 0.0,
+                                                         cotmae.OTHER_SPAN: u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert pairs["partner_type"].tolist() == [cotmae.RANDOM]
+    assert tuple(pairs["anchor"][0].tolist()) == (2, 3) and tuple(pairs["partner"][0].tolist()) == partner
+
+
+def test_pairs_and_partner_kinds_are_made_on_the_inputs_device(monkeypatch):
+    """As test_tensors_are_made_on_the_inputs_device: the pair sampler (both cuts) and the partner kind on meta."""
+    meta = torch.device("meta")
+    lengths = cotmae.sentence_lengths(THREE_SPANS)
+    monkeypatch.setattr(cotmae, "sentence_lengths", lambda ids: lengths.to(meta))
+    for cut in ("whole_sentences", "reference"):
+        cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "span_cut": cut})
+        pairs = cotmae.sample_pairs(THREE_SPANS.to(meta), seeds(1).to(meta), cfg)
+        assert {v.device for v in pairs.values()} == {meta}, cut
+    kind = cotmae.partner_kind(seeds(2).to(meta), torch.tensor([3, 1], device=meta),
+                               torch.tensor([True, False], device=meta))
+    assert kind.device == meta
+
+
+@pytest.mark.parametrize("anchor_u, side_u, partner", [
+    (0.5, 0.9, (0, 1)),  # anchor span 1 has both neighbours: a draw >= 0.5 takes the one before
+    (0.5, 0.5, (0, 1)),  # exactly 0.5 too: 2^23 of the 2^24 draws go each way
+    (0.5, 0.49, (2, 3)),  # a draw < 0.5 takes the one after
+    (0.0, 0.9, (1, 2)),  # anchor span 0: only the one after exists, whatever the draw
+    (0.99, 0.0, (1, 2)),  # anchor span 2 (the last): only the one before exists
+])
+def test_neighbour_partner_is_a_fair_side_among_those_that_exist(monkeypatch, anchor_u, side_u, partner):
+    """Three spans, kind NEIGHBOUR (u = 0.5 -> floor(0.5 * 3) = 1): the partner is the span before or after the
+    anchor, uniform among those that exist (methods.md §1.7: "the neighbouring span")."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: anchor_u, cotmae.PARTNER_TYPE: 0.5,
+                                                         cotmae.NEIGHBOUR_SIDE: side_u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert pairs["partner_type"].tolist() == [cotmae.NEIGHBOUR]
+    assert tuple(pairs["partner"][0].tolist()) == partner
