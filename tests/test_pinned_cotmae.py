@@ -420,3 +420,58 @@ def test_decoder_input_is_corrupted_at_the_configured_probabilities(tiny_model, 
         expected = torch.where(paired, table[(u * table.numel()).long()], ids[[0, 2]])
         assert not (decoder_ids == tokenizer.mask_token_id).any()
     assert torch.equal(decoder_ids[[0, 2]], expected)
+
+
+# ----- the cut's building blocks, by hand --------------------------------------------------------------------------
+
+
+def test_sentence_lengths_count_each_sentences_tokens():
+    """Row 0: sentence 0 has 2 tokens, sentence 1 has 3 (one padding); row 1: 1 token, and no sentence 1 (0).
+    A batch of empty documents still has one (empty) sentence column."""
+    got = cotmae.sentence_lengths(torch.tensor([[0, 0, 1, 1, 1, -1], [0, -1, -1, -1, -1, -1]]))
+    assert got.tolist() == [[2, 3], [1, 0]]
+    assert cotmae.sentence_lengths(torch.tensor([[-1, -1]])).tolist() == [[0]]
+
+
+def test_wrap_spans_puts_each_span_between_the_special_tokens():
+    """ids 11 .. 20; row 0 the 3 tokens from 2 (13 14 15), row 1 the 9 from 0: width 1 + 16 (9 rounded up to 8s) + 1
+    = 18, [CLS]=101 span [SEP]=102 then padding 0; the attention mask covers [CLS] .. [SEP]."""
+    ids = torch.arange(11, 21)[None].repeat(2, 1)
+    out, mask = cotmae.wrap_spans(ids, torch.tensor([2, 0]), torch.tensor([3, 9]), torch.tensor([101]),
+                                  torch.tensor([102]), 0)
+    assert out.shape == mask.shape == (2, 18)
+    assert out[0].tolist() == [101, 13, 14, 15, 102] + [0] * 13
+    assert out[1].tolist() == [101, *range(11, 20), 102] + [0] * 7
+    assert mask.sum(-1).tolist() == [5, 11] and mask[0, :5].all() and mask[1, :11].all()
+    bare, bare_mask = cotmae.wrap_spans(ids[:1], torch.tensor([9]), torch.tensor([1]), torch.tensor([], dtype=torch.long),
+                                        torch.tensor([], dtype=torch.long), 0)
+    assert bare.tolist() == [[20] + [0] * 7] and bare_mask.tolist() == [[1] + [0] * 7], "no special tokens: 8 wide"
+
+
+def test_range_tokens_start_at_the_first_sentence_and_take_clipped_tokens():
+    """Sentences of 3, 20 and 2 tokens, clipped to 3, 8, 2: range [1, 2) starts at token 3 and takes 8; [0, 3) starts
+    at 0 and takes 3 + 8 + 2 = 13; [2, 2) (empty) starts at 3 + 20 = 23 and takes 0."""
+    lengths, clipped = torch.tensor([[3, 20, 2]]).repeat(3, 1), torch.tensor([[3, 8, 2]]).repeat(3, 1)
+    first, size = cotmae.range_tokens(lengths, clipped, torch.tensor([[1, 2], [0, 3], [2, 2]]))
+    assert first.tolist() == [3, 0, 23] and size.tolist() == [8, 13, 0]
+
+
+def test_span_range_finds_the_kth_span():
+    """Spans start at sentences 0, 2, 3 and run to ends[s]: span 0 = [0, 2), 1 = [2, 3), 2 = [3, 5); a k past the last
+    span stays inside the row (first sentence clamped to 4)."""
+    is_start = torch.tensor([[True, False, True, True, False]]).repeat(4, 1)
+    ends = torch.tensor([[2, 2, 3, 5, 5]]).repeat(4, 1)
+    got = cotmae.span_range(is_start, ends, torch.tensor([0, 1, 2, 3]))
+    assert got.tolist() == [[0, 2], [2, 3], [3, 5], [4, 5]]
+
+
+def test_greedy_span_starts_follow_the_chain_from_sentence_0():
+    """next 0 -> 2 -> 3 -> 5 (the end): starts 0, 2, 3. Eight one-sentence spans need the chain's full 7 steps
+    (log2 rounds of pointer jumping: every sentence a start). A document of 3 sentences in a row of 5: a next start
+    at or past 3 ends the chain. No sentence: no start; a single sentence: one start."""
+    got = cotmae.greedy_span_starts(torch.tensor([[2, 2, 3, 5, 5]]), torch.tensor([5]))
+    assert got.tolist() == [[True, False, True, True, False]]
+    chain = cotmae.greedy_span_starts(torch.arange(1, 9)[None], torch.tensor([8]))
+    assert chain.tolist() == [[True] * 8]
+    short = cotmae.greedy_span_starts(torch.tensor([[1, 4, 4, 4, 4], [1, 2, 3, 4, 5], [5] * 5]), torch.tensor([3, 0, 1]))
+    assert short.tolist() == [[True, True, False, False, False], [False] * 5, [True] + [False] * 4]
