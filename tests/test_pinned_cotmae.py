@@ -475,3 +475,11 @@ def test_greedy_span_starts_follow_the_chain_from_sentence_0():
     assert chain.tolist() == [[True] * 8]
     short = cotmae.greedy_span_starts(torch.tensor([[1, 4, 4, 4, 4], [1, 2, 3, 4, 5], [5] * 5]), torch.tensor([3, 0, 1]))
     assert short.tolist() == [[True, True, False, False, False], [False] * 5, [True] + [False] * 4]
+
+
+def test_special_token_buffers_are_not_saved(tiny_model):
+    """[CLS] and [SEP] are buffers (they follow the model to its device) but not state: a checkpoint holds the
+    model's weights only, so one saved without them still loads strictly."""
+    objective, tokenizer = make(tiny_model)
+    assert objective._prefix.tolist() == [tokenizer.cls_token_id] and objective._suffix.tolist() == [tokenizer.sep_token_id]
+    assert not [k for k in objective.state_dict() if k.endswith(("_prefix", "_suffix"))]
