@@ -483,3 +483,16 @@ def test_special_token_buffers_are_not_saved(tiny_model):
     objective, tokenizer = make(tiny_model)
     assert objective._prefix.tolist() == [tokenizer.cls_token_id] and objective._suffix.tolist() == [tokenizer.sep_token_id]
     assert not [k for k in objective.state_dict() if k.endswith(("_prefix", "_suffix"))]
+
+
+def test_reference_span_inputs_are_cropped_to_max_span_tokens(monkeypatch, tiny_model):
+    """span_cut reference, T = 4, one document of three 3-token sentences (ids 10 .. 18): span 0 takes sentences 0
+    and 1 (3 + 3 = 6 > 4: the crossing sentence included), span 1 sentence 2. Anchor span 0 (u = 0), partner RANDOM
+    (u = 0): span 1. The anchor is cropped to 4 tokens at offset floor(0.99 * (6 - 4 + 1)) = 2: ids 12 .. 15; the
+    partner (3 tokens) is whole: 16 17 18."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.CROP: 0.99}))
+    objective, tokenizer = make(tiny_model, max_span_tokens=4, short_span_prob=0.0, span_cut="reference")
+    spans = objective.prepare({**document_batch([[3, 3, 3]]), "seeds": seeds(1)})["spans"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    rows = [spans["input_ids"][r][spans["attention_mask"][r].bool()].tolist() for r in (0, 1)]
+    assert rows == [[cls, 12, 13, 14, 15, sep], [cls, 16, 17, 18, sep]]
