@@ -400,26 +400,27 @@ def test_decoder_input_is_corrupted_at_the_configured_probabilities(tiny_model, 
     """The decoder's masked tokens take the objective's mask_token_prob / random_token_prob (not BERT's 0.8 / 0.1):
     at (1, 0) every one is [MASK]; at (0, 1) every one is the random ordinary token of stream DECODER_RANDOM_IDS,
     replacement_ids[floor(u * n)], the row's seed that of its document (anchor, rows b) or the derived partner seed
-    (rows b + B). Document 0 (4 sentences, 14 tokens, T = 8) makes two spans; document 1 (5 tokens) one: its
-    partner row is a stand-in without MLM tokens, and neither of its rows has decoder targets."""
+    (rows b + B). Document 1 (4 sentences, 14 tokens, T = 8) makes two spans; documents 0 and 2 (5 tokens) one
+    each: their partner rows (3 and 5) are stand-ins without MLM tokens, and none of their rows has decoder
+    targets; their anchor rows (0 and 2) keep their MLM tokens."""
     objective, tokenizer = make(tiny_model, max_span_tokens=8, short_span_prob=0.0, mask_token_prob=mask_prob,
                                 random_token_prob=random_prob)
-    batch = {**document_batch([[3, 4, 2, 5], [2, 3]]), "seeds": seeds(2, 3)}
+    batch = {**document_batch([[2, 3], [3, 4, 2, 5], [2, 3]]), "seeds": seeds(3, 3)}
     spans = objective.prepare(batch)["spans"]
     ids, decoder_ids, targets = spans["input_ids"], spans["decoder_input_ids"], spans["decoder_targets"]
-    assert targets[[0, 2]].all(-1).logical_not().all() and targets[[0, 2]].any(-1).all()
-    assert not targets[[1, 3]].any(), "the single-span document decodes nothing"
-    assert spans["encoder_mask"][[0, 1, 2]].any(-1).all() and not spans["encoder_mask"][3].any()
-    paired = targets[[0, 2]]
+    assert targets[[1, 4]].all(-1).logical_not().all() and targets[[1, 4]].any(-1).all()
+    assert not targets[[0, 2, 3, 5]].any(), "a single-span document decodes nothing"
+    assert spans["encoder_mask"][[0, 1, 2, 4]].any(-1).all() and not spans["encoder_mask"][[3, 5]].any()
+    paired = targets[[1, 4]]
     if mask_prob == 1.0:
-        expected = torch.where(paired, tokenizer.mask_token_id, ids[[0, 2]])
+        expected = torch.where(paired, tokenizer.mask_token_id, ids[[1, 4]])
     else:
-        row_seeds = torch.cat([batch["seeds"], cotmae.derived_seeds(batch["seeds"], cotmae.PARTNER_SEEDS)])[[0, 2]]
+        row_seeds = torch.cat([batch["seeds"], cotmae.derived_seeds(batch["seeds"], cotmae.PARTNER_SEEDS)])[[1, 4]]
         table = objective.tables.replacement_ids
         u = uniform(row_seeds, cotmae.DECODER_RANDOM_IDS, torch.arange(ids.shape[1])[None])
-        expected = torch.where(paired, table[(u * table.numel()).long()], ids[[0, 2]])
+        expected = torch.where(paired, table[(u * table.numel()).long()], ids[[1, 4]])
         assert not (decoder_ids == tokenizer.mask_token_id).any()
-    assert torch.equal(decoder_ids[[0, 2]], expected)
+    assert torch.equal(decoder_ids[[1, 4]], expected)
 
 
 # ----- the cut's building blocks, by hand --------------------------------------------------------------------------
