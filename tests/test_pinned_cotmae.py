@@ -481,7 +481,7 @@ def test_greedy_span_starts_follow_the_chain_from_sentence_0():
 def test_special_token_buffers_are_not_saved(tiny_model):
     """[CLS] and [SEP] are buffers (they follow the model to its device) but not state: a checkpoint holds the
     model's weights only, so one saved without them still loads strictly."""
-    objective, tokenizer = make(tiny_model)
+    objective, tokenizer = make(tiny_model, max_span_tokens=8)
     assert objective._prefix.tolist() == [tokenizer.cls_token_id] and objective._suffix.tolist() == [tokenizer.sep_token_id]
     assert not [k for k in objective.state_dict() if k.endswith(("_prefix", "_suffix"))]
 
