@@ -323,3 +323,177 @@ def test_span_and_decoder_bounds_accept_their_edges():
                          ({"short_span_prob": 1.5}, "short_span_prob"), ({"decoder_layers": 0}, "decoder_layers")):
         with pytest.raises(ConfigError, match=message):
             build_objective_config({"name": "cotmae", **bad})
+
+
+# ----- the anchor and its partner: which span each draw picks ----------------------------------------------------
+
+
+def stream_draws(values):
+    """A stand-in for retromae.rng.uniform that returns values[stream] for every draw (0 for other streams)."""
+    def draw(seeds, stream, counters):
+        shape = torch.broadcast_shapes((seeds.shape[0],) + (1,) * (counters.dim() - 1), counters.shape)
+        return torch.full(shape, values.get(stream, 0.0), dtype=torch.float32, device=seeds.device)
+    return draw
+
+
+THREE_SPANS = torch.tensor([[0, 0, 1, 1, 2, 2]])  # three 2-token sentences; T = 2: spans [0, 1), [1, 2), [2, 3)
+
+
+@pytest.mark.parametrize("u, anchor", [(0.99, (2, 3)), (0.5, (1, 2)), (0.0, (0, 1))])
+def test_anchor_is_span_floor_u_times_spans(monkeypatch, u, anchor):
+    """Three spans: the anchor is span floor(u * 3): u = 0.99 -> 2 (the last span is reachable), 0.5 -> 1, 0 -> 0."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert tuple(pairs["anchor"][0].tolist()) == anchor
+
+
+@pytest.mark.parametrize("u, partner", [(0.99, (1, 2)), (0.4, (0, 1))])
+def test_random_partner_is_uniform_among_the_other_spans(monkeypatch, u, partner):
+    """Three spans, anchor span 2 (u = 0.99), kind RANDOM (u = 0 -> floor(0 * 3) = 0): the partner is the k-th of the
+    2 other spans, k = floor(u * (3 - 1)): u = 0.99 -> k = 1 (span 1), u = 0.4 -> floor(0.8) = 0 (span 0)."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: 0.99, cotmae.PARTNER_TYPE: 0.0,
+                                                         cotmae.OTHER_SPAN: u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert pairs["partner_type"].tolist() == [cotmae.RANDOM]
+    assert tuple(pairs["anchor"][0].tolist()) == (2, 3) and tuple(pairs["partner"][0].tolist()) == partner
+
+
+def test_pairs_and_partner_kinds_are_made_on_the_inputs_device(monkeypatch):
+    """As test_tensors_are_made_on_the_inputs_device: the pair sampler (both cuts) and the partner kind on meta."""
+    meta = torch.device("meta")
+    lengths = cotmae.sentence_lengths(THREE_SPANS)
+    monkeypatch.setattr(cotmae, "sentence_lengths", lambda ids: lengths.to(meta))
+    for cut in ("whole_sentences", "reference"):
+        cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "span_cut": cut})
+        pairs = cotmae.sample_pairs(THREE_SPANS.to(meta), seeds(1).to(meta), cfg)
+        assert {v.device for v in pairs.values()} == {meta}, cut
+    kind = cotmae.partner_kind(seeds(2).to(meta), torch.tensor([3, 1], device=meta),
+                               torch.tensor([True, False], device=meta))
+    assert kind.device == meta
+
+
+@pytest.mark.parametrize("anchor_u, side_u, partner", [
+    (0.5, 0.9, (0, 1)),  # anchor span 1 has both neighbours: a draw >= 0.5 takes the one before
+    (0.5, 0.5, (0, 1)),  # exactly 0.5 too: 2^23 of the 2^24 draws go each way
+    (0.5, 0.49, (2, 3)),  # a draw < 0.5 takes the one after
+    (0.0, 0.9, (1, 2)),  # anchor span 0: only the one after exists, whatever the draw
+    (0.99, 0.0, (1, 2)),  # anchor span 2 (the last): only the one before exists
+])
+def test_neighbour_partner_is_a_fair_side_among_those_that_exist(monkeypatch, anchor_u, side_u, partner):
+    """Three spans, kind NEIGHBOUR (u = 0.5 -> floor(0.5 * 3) = 1): the partner is the span before or after the
+    anchor, uniform among those that exist (methods.md §1.7: "the neighbouring span")."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.ANCHOR: anchor_u, cotmae.PARTNER_TYPE: 0.5,
+                                                         cotmae.NEIGHBOUR_SIDE: side_u}))
+    cfg = build_objective_config({"name": "cotmae", "max_span_tokens": 2, "short_span_prob": 0.0})
+    pairs = cotmae.sample_pairs(THREE_SPANS, seeds(1), cfg)
+    assert pairs["partner_type"].tolist() == [cotmae.NEIGHBOUR]
+    assert tuple(pairs["partner"][0].tolist()) == partner
+
+
+# ----- prepare: the decoder's input corruption, the unpaired document's rows -------------------------------------
+
+
+@pytest.mark.parametrize("mask_prob, random_prob", [(1.0, 0.0), (0.0, 1.0)])
+def test_decoder_input_is_corrupted_at_the_configured_probabilities(tiny_model, mask_prob, random_prob):
+    """The decoder's masked tokens take the objective's mask_token_prob / random_token_prob (not BERT's 0.8 / 0.1):
+    at (1, 0) every one is [MASK]; at (0, 1) every one is the random ordinary token of stream DECODER_RANDOM_IDS,
+    replacement_ids[floor(u * n)], the row's seed that of its document (anchor, rows b) or the derived partner seed
+    (rows b + B). Document 1 (4 sentences, 14 tokens, T = 8) makes two spans; documents 0 and 2 (5 tokens) one
+    each: their partner rows (3 and 5) are stand-ins without MLM tokens, and none of their rows has decoder
+    targets; their anchor rows (0 and 2) keep their MLM tokens."""
+    objective, tokenizer = make(tiny_model, max_span_tokens=8, short_span_prob=0.0, mask_token_prob=mask_prob,
+                                random_token_prob=random_prob)
+    batch = {**document_batch([[2, 3], [3, 4, 2, 5], [2, 3]]), "seeds": seeds(3, 3)}
+    spans = objective.prepare(batch)["spans"]
+    ids, decoder_ids, targets = spans["input_ids"], spans["decoder_input_ids"], spans["decoder_targets"]
+    assert targets[[1, 4]].all(-1).logical_not().all() and targets[[1, 4]].any(-1).all()
+    assert not targets[[0, 2, 3, 5]].any(), "a single-span document decodes nothing"
+    assert spans["encoder_mask"][[0, 1, 2, 4]].any(-1).all() and not spans["encoder_mask"][[3, 5]].any()
+    paired = targets[[1, 4]]
+    if mask_prob == 1.0:
+        expected = torch.where(paired, tokenizer.mask_token_id, ids[[1, 4]])
+    else:
+        row_seeds = torch.cat([batch["seeds"], cotmae.derived_seeds(batch["seeds"], cotmae.PARTNER_SEEDS)])[[1, 4]]
+        table = objective.tables.replacement_ids
+        u = uniform(row_seeds, cotmae.DECODER_RANDOM_IDS, torch.arange(ids.shape[1])[None])
+        expected = torch.where(paired, table[(u * table.numel()).long()], ids[[1, 4]])
+        assert not (decoder_ids == tokenizer.mask_token_id).any()
+    assert torch.equal(decoder_ids[[1, 4]], expected)
+
+
+# ----- the cut's building blocks, by hand --------------------------------------------------------------------------
+
+
+def test_sentence_lengths_count_each_sentences_tokens():
+    """Row 0: sentence 0 has 2 tokens, sentence 1 has 3 (one padding); row 1: 1 token, and no sentence 1 (0).
+    A batch of empty documents still has one (empty) sentence column."""
+    got = cotmae.sentence_lengths(torch.tensor([[0, 0, 1, 1, 1, -1], [0, -1, -1, -1, -1, -1]]))
+    assert got.tolist() == [[2, 3], [1, 0]]
+    assert cotmae.sentence_lengths(torch.tensor([[-1, -1]])).tolist() == [[0]]
+
+
+def test_wrap_spans_puts_each_span_between_the_special_tokens():
+    """ids 11 .. 20; row 0 the 3 tokens from 2 (13 14 15), row 1 the 9 from 0: width 1 + 16 (9 rounded up to 8s) + 1
+    = 18, [CLS]=101 span [SEP]=102 then padding 0; the attention mask covers [CLS] .. [SEP]."""
+    ids = torch.arange(11, 21)[None].repeat(2, 1)
+    out, mask = cotmae.wrap_spans(ids, torch.tensor([2, 0]), torch.tensor([3, 9]), torch.tensor([101]),
+                                  torch.tensor([102]), 0)
+    assert out.shape == mask.shape == (2, 18)
+    assert out[0].tolist() == [101, 13, 14, 15, 102] + [0] * 13
+    assert out[1].tolist() == [101, *range(11, 20), 102] + [0] * 7
+    assert mask.sum(-1).tolist() == [5, 11] and mask[0, :5].all() and mask[1, :11].all()
+    bare, bare_mask = cotmae.wrap_spans(ids[:1], torch.tensor([9]), torch.tensor([1]), torch.tensor([], dtype=torch.long),
+                                        torch.tensor([], dtype=torch.long), 0)
+    assert bare.tolist() == [[20] + [0] * 7] and bare_mask.tolist() == [[1] + [0] * 7], "no special tokens: 8 wide"
+
+
+def test_range_tokens_start_at_the_first_sentence_and_take_clipped_tokens():
+    """Sentences of 3, 20 and 2 tokens, clipped to 3, 8, 2: range [1, 2) starts at token 3 and takes 8; [0, 3) starts
+    at 0 and takes 3 + 8 + 2 = 13; [2, 2) (empty) starts at 3 + 20 = 23 and takes 0."""
+    lengths, clipped = torch.tensor([[3, 20, 2]]).repeat(3, 1), torch.tensor([[3, 8, 2]]).repeat(3, 1)
+    first, size = cotmae.range_tokens(lengths, clipped, torch.tensor([[1, 2], [0, 3], [2, 2]]))
+    assert first.tolist() == [3, 0, 23] and size.tolist() == [8, 13, 0]
+
+
+def test_span_range_finds_the_kth_span():
+    """Spans start at sentences 0, 2, 3 and run to ends[s]: span 0 = [0, 2), 1 = [2, 3), 2 = [3, 5); a k past the last
+    span stays inside the row (first sentence clamped to 4)."""
+    is_start = torch.tensor([[True, False, True, True, False]]).repeat(4, 1)
+    ends = torch.tensor([[2, 2, 3, 5, 5]]).repeat(4, 1)
+    got = cotmae.span_range(is_start, ends, torch.tensor([0, 1, 2, 3]))
+    assert got.tolist() == [[0, 2], [2, 3], [3, 5], [4, 5]]
+
+
+def test_greedy_span_starts_follow_the_chain_from_sentence_0():
+    """next 0 -> 2 -> 3 -> 5 (the end): starts 0, 2, 3. Eight one-sentence spans need the chain's full 7 steps
+    (log2 rounds of pointer jumping: every sentence a start). A document of 3 sentences in a row of 5: a next start
+    at or past 3 ends the chain. No sentence: no start; a single sentence: one start."""
+    got = cotmae.greedy_span_starts(torch.tensor([[2, 2, 3, 5, 5]]), torch.tensor([5]))
+    assert got.tolist() == [[True, False, True, True, False]]
+    chain = cotmae.greedy_span_starts(torch.arange(1, 9)[None], torch.tensor([8]))
+    assert chain.tolist() == [[True] * 8]
+    short = cotmae.greedy_span_starts(torch.tensor([[1, 4, 4, 4, 4], [1, 2, 3, 4, 5], [5] * 5]), torch.tensor([3, 0, 1]))
+    assert short.tolist() == [[True, True, False, False, False], [False] * 5, [True] + [False] * 4]
+
+
+def test_special_token_buffers_are_not_saved(tiny_model):
+    """[CLS] and [SEP] are buffers (they follow the model to its device) but not state: a checkpoint holds the
+    model's weights only, so one saved without them still loads strictly."""
+    objective, tokenizer = make(tiny_model, max_span_tokens=8)
+    assert objective._prefix.tolist() == [tokenizer.cls_token_id] and objective._suffix.tolist() == [tokenizer.sep_token_id]
+    assert not [k for k in objective.state_dict() if k.endswith(("_prefix", "_suffix"))]
+
+
+def test_reference_span_inputs_are_cropped_to_max_span_tokens(monkeypatch, tiny_model):
+    """span_cut reference, T = 4, one document of three 3-token sentences (ids 10 .. 18): span 0 takes sentences 0
+    and 1 (3 + 3 = 6 > 4: the crossing sentence included), span 1 sentence 2. Anchor span 0 (u = 0), partner RANDOM
+    (u = 0): span 1. The anchor is cropped to 4 tokens at offset floor(0.99 * (6 - 4 + 1)) = 2: ids 12 .. 15; the
+    partner (3 tokens) is whole: 16 17 18."""
+    monkeypatch.setattr(cotmae, "uniform", stream_draws({cotmae.CROP: 0.99}))
+    objective, tokenizer = make(tiny_model, max_span_tokens=4, short_span_prob=0.0, span_cut="reference")
+    spans = objective.prepare({**document_batch([[3, 3, 3]]), "seeds": seeds(1)})["spans"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    rows = [spans["input_ids"][r][spans["attention_mask"][r].bool()].tolist() for r in (0, 1)]
+    assert rows == [[cls, 12, 13, 14, 15, sep], [cls, 16, 17, 18, sep]]
