@@ -308,3 +308,19 @@ def test_any_failure_of_a_worker_is_left_for_the_other_processes(tmp_path, tiny_
         _wait_for(folder / "meta.json", folder, 1.0)  # what another process of the launch does
     monkeypatch.delenv("RETROMAE_FAULT")
     assert len(build_example_store(cfg, tiny_tokenizer)) == 20, "the next attempt is not stopped by the old marker"
+
+
+def test_each_process_removes_only_its_own_shards_leftovers(tmp_path):
+    """Processes given a rank without a process group start unsynchronised: process 0's clean-up of an earlier
+    attempt must not delete the temporary file process 1 is writing (it did: a flaky 2-process preparation)."""
+    from retromae.data.store import Shard, _remove_leftovers
+
+    names = [".shard-00000.11.tmp", "shard-00000.failed", ".shard-00001.22.tmp", "shard-00001.failed",
+             "worker-33.failed", "shard-00002.arrow"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    _remove_leftovers(tmp_path, [Shard(0, "c.jsonl", "jsonl")], rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shard-00001.22.tmp", "shard-00001.failed",
+                                                          "shard-00002.arrow"]
+    _remove_leftovers(tmp_path, [Shard(1, "c.jsonl", "jsonl")], rank=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00002.arrow"]

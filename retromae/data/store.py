@@ -223,16 +223,14 @@ def prepare_store(cfg: DataConfig, tokenizer, num_proc: int | None = None, rank:
 
     folder = cache_folder(cfg, tokenizer)
     wait_minutes = wait_minutes or timeout_minutes()
-    if rank == 0 and folder.is_dir() and not (folder / "meta.json").is_file():
-        for stale in [*folder.glob("*.failed"), *folder.glob(".shard-*.tmp")]:  # what an earlier attempt left
-            stale.unlink(missing_ok=True)
     if world > 1:
-        _check_shared(folder)  # a collective: the others start after process 0 has cleaned up
+        _check_shared(folder)  # under a launch: every process must see this folder
     if not (folder / "meta.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         shards = plan_shards(cfg)
         mine = [s for s in shards if s.index % world == rank and not _done(folder, s)]
+        _remove_leftovers(folder, mine, rank)
         if mine:
             logger.info("preparing %d of the corpus's %d shards with %d process(es) into %s", len(mine), len(shards),
                         num_proc or cfg.num_proc, folder)
@@ -243,6 +241,18 @@ def prepare_store(cfg: DataConfig, tokenizer, num_proc: int | None = None, rank:
         else:
             _wait_for(folder / "meta.json", folder, wait_minutes)
     return open_store(folder)
+
+
+def _remove_leftovers(folder: Path, mine: list[Shard], rank: int) -> None:
+    """What an earlier attempt left: each process removes its own shards' temporary files and failure markers only
+    (processes given a rank without a process group start unsynchronised: one must not delete a file another is
+    writing); process 0 also removes the markers of failed workers."""
+    for shard in mine:
+        for stale in [*folder.glob(f".shard-{shard.index:05d}.*.tmp"), folder / f"shard-{shard.index:05d}.failed"]:
+            stale.unlink(missing_ok=True)
+    if rank == 0:
+        for stale in folder.glob("worker-*.failed"):
+            stale.unlink(missing_ok=True)
 
 
 def _check_shared(folder: Path) -> None:
