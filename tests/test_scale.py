@@ -273,11 +273,22 @@ def test_sharded_search_over_three_processes_equals_one(tiny_model, beir_task, t
                                 range(3)))
     three = results[0]
     assert results[1] is None and results[2] is None, "the others leave the merge to the main process"
-    assert one[0] == three[0] and np.array_equal(one[1], three[1])
-    # the same documents in the same order (score, then position), except among documents tied with the last one
-    # kept, where a search may keep any of them
-    above = one[1] > one[1][:, -1:]
-    assert above.mean() > 0.5 and np.array_equal(one[2][above], three[2][above])
+    # the same scores, up to the last bit: the CPU's BLAS may round a text's vector differently when it is encoded in
+    # a batch of another size or alignment (seen once: 1 ulp of ~32, where the tiny model's scores differ by ~1e-6)
+    assert one[0] == three[0]
+    np.testing.assert_allclose(three[1], one[1], rtol=0, atol=1e-5)
+    # the same documents, except among documents within that noise of the last one kept (a search may keep any of
+    # them); at the same place where a document's score stands apart from its neighbours' by more than the noise
+    above = one[1] > one[1][:, -1:] + 1e-5
+    assert above.mean() > 0.5
+    for row in range(one[1].shape[0]):
+        assert set(one[2][row][above[row]]) <= set(three[2][row]), row
+    gaps = -np.diff(one[1], axis=1)  # each document's lead over the next
+    apart = np.ones_like(above)  # a place whose document is more than the noise from both neighbours
+    apart[:, 1:] &= gaps > 1e-5
+    apart[:, :-1] &= gaps > 1e-5
+    apart &= above
+    assert apart.any() and np.array_equal(one[2][apart], three[2][apart])
 
 
 # ----- training data -------------------------------------------------------------------------------------------
