@@ -38,6 +38,22 @@ def tiny_model(tmp_path_factory, docstrings) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, docstrings):
+    """tiny_family("roberta"): a tiny random model of that family (retromae.tiny.FAMILIES), built once a session."""
+    from retromae.matrix import tiny_family_model
+
+    built = {}
+
+    def model(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_family_model(tmp_path_factory.mktemp(f"tiny_{family}"), family,
+                                              [d["text"] for d in docstrings[:160]])
+        return built[family]
+
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

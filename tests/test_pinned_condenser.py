@@ -20,21 +20,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one tor
 
 
 @pytest.fixture(scope="module")
-def tiny_modernbert(tmp_path_factory, docstrings):
+def tiny_modernbert(tiny_family):
     """A rotary, pre-norm encoder: its Condenser head has rotary attention."""
-    from retromae.matrix import tiny_family_model
-
-    return tiny_family_model(tmp_path_factory.mktemp("condenser_modernbert"), "modernbert",
-                             [d["text"] for d in docstrings[:160]])
+    return tiny_family("modernbert")
 
 
 @pytest.fixture(scope="module")
-def tiny_roberta(tmp_path_factory, docstrings):
+def tiny_roberta(tiny_family):
     """Positions after the padding index: a table of 130 rows holds 128 positions."""
-    from retromae.matrix import tiny_family_model
-
-    return tiny_family_model(tmp_path_factory.mktemp("condenser_roberta"), "roberta",
-                             [d["text"] for d in docstrings[:160]])
+    return tiny_family("roberta")
 
 
 def seeds(n, seed=0):

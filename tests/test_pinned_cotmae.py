@@ -28,11 +28,9 @@ def make(model_dir, name="cotmae", **settings):
 
 
 @pytest.fixture(scope="module")
-def tiny_roberta(tmp_path_factory, docstrings):
+def tiny_roberta(tiny_family):
     """Positions after the padding index: a table of 130 rows holds 128 positions."""
-    from retromae.matrix import tiny_family_model
-
-    return tiny_family_model(tmp_path_factory.mktemp("cotmae_roberta"), "roberta", [d["text"] for d in docstrings[:160]])
+    return tiny_family("roberta")
 
 
 def test_spans_must_fit_the_positions_the_model_reads(tiny_model, tiny_roberta):
@@ -47,12 +45,9 @@ def test_spans_must_fit_the_positions_the_model_reads(tiny_model, tiny_roberta):
 
 
 @pytest.fixture(scope="module")
-def tiny_modernbert(tmp_path_factory, docstrings):
+def tiny_modernbert(tiny_family):
     """A rotary, pre-norm encoder: the CoT-MAE decoder built to its shape has rotary attention."""
-    from retromae.matrix import tiny_family_model
-
-    return tiny_family_model(tmp_path_factory.mktemp("cotmae_modernbert"), "modernbert",
-                             [d["text"] for d in docstrings[:160]])
+    return tiny_family("modernbert")
 
 
 def seeds(n, seed=0):

@@ -223,14 +223,15 @@ def prepare_store(cfg: DataConfig, tokenizer, num_proc: int | None = None, rank:
 
     folder = cache_folder(cfg, tokenizer)
     wait_minutes = wait_minutes or timeout_minutes()
-    if world > 1:
-        _check_shared(folder)  # under a launch: every process must see this folder
+    started = time.perf_counter()
     if not (folder / "meta.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
         shards = plan_shards(cfg)
         mine = [s for s in shards if s.index % world == rank and not _done(folder, s)]
         _remove_leftovers(folder, mine, rank)
+    if world > 1:
+        _check_shared(folder)  # a collective: no process waits for shards before every one has cleaned up its own
+    if not (folder / "meta.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
         if mine:
             logger.info("preparing %d of the corpus's %d shards with %d process(es) into %s", len(mine), len(shards),
                         num_proc or cfg.num_proc, folder)
