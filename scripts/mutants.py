@@ -44,8 +44,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "search": (["retromae/retrieval/search.py", "retromae/retrieval/index.py"],
                ["tests/test_index.py", "tests/test_scale.py", "tests/test_retrieval.py"]),
     "evaluate": (["retromae/retrieval/evaluate.py", "retromae/retrieval/hybrid.py"],
-                 ["tests/test_retrieval.py", "tests/test_scale.py", "tests/test_scratch.py", "tests/test_index.py",
-                  "tests/test_more_objectives.py", "tests/test_objective_family.py", "tests/test_cli.py"]),
+                 ["tests/test_retrieval.py", "tests/test_scale.py", "tests/test_more_objectives.py",
+                  "tests/test_objective_family.py", "tests/test_sparse.py", "tests/test_inputs.py"]),
 }
 
 
