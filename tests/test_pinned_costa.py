@@ -90,6 +90,14 @@ def test_a_draw_of_one_stays_inside_the_range_and_the_text(monkeypatch):
     assert size.tolist() == [[5, 5]] and start.tolist() == [[5, 5]]  # room 10 - 5 + 1 = 6: start 5, end 10
 
 
+def test_span_lengths_take_the_whole_range_from_the_draw(monkeypatch):
+    """Range [2, 5]: size = 2 + floor(u (5 - 2 + 1)) = 2 + floor(4 u): u = 0.3 -> 2 + 1 = 3, u = 0.6 -> 2 + 2 = 4
+    (both under the clamp at 5 - 2 = 3), on a text of 10 tokens; starts at u = 0."""
+    fake_draws(monkeypatch, {31: torch.tensor([[0.3, 0.6]]), 32: torch.zeros(1, 2)})
+    start, size = sample_spans(torch.tensor([10]), torch.zeros(1, dtype=torch.int32), [[2, 5]], 2)
+    assert size.tolist() == [[3, 4]] and start.tolist() == [[0, 0]]
+
+
 def test_span_draws_are_made_on_the_inputs_device():
     meta = torch.device("meta")
     start, size = sample_spans(torch.full((2,), 10, device=meta), torch.zeros(2, dtype=torch.int32, device=meta),
@@ -130,6 +138,34 @@ def test_span_inputs_reach_the_last_token_of_the_longest_row(tiny_model):
     w = ordinary_ids(tokenizer, 4)
     out = objective._span_inputs(torch.tensor([[cls] + w + [sep]]), torch.tensor([[4]]), torch.tensor([[2]]))
     assert out["input_ids"].tolist() == [[cls, w[3], sep, sep] + [pad] * 6]
+
+
+def test_span_inputs_from_a_rows_first_token_with_a_two_token_wrapping(tiny_model):
+    """A wrapping of two tokens each side (a = 7, b = 8 before; c = 9, d = 10 after), rows of 4 ids 21 .. 24 and
+    31 .. 34. Row 0's span starts at its very first token (column 0): 2 tokens, 21 22; row 1's: 1 token from 2, 33.
+    Width 2 + 8 + 2 = 12: [a b 21 22 c d pad...] and [a b 33 c d pad...]; the suffix right after each span."""
+    objective, tokenizer = make(tiny_model, "costa")
+    objective._prefix, objective._suffix = torch.tensor([7, 8]), torch.tensor([9, 10])
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[21, 22, 23, 24], [31, 32, 33, 34]])
+    out = objective._span_inputs(ids, torch.tensor([[0], [2]]), torch.tensor([[2], [1]]))
+    assert out["input_ids"].tolist() == [[7, 8, 21, 22, 9, 10] + [pad] * 6, [7, 8, 33, 9, 10] + [pad] * 7]
+    assert out["attention_mask"].tolist() == [[1] * 6 + [0] * 6, [1] * 5 + [0] * 7]
+    assert out["token_mask"].tolist() == [[False] * 2 + [True] * 2 + [False] * 8, [False] * 2 + [True] + [False] * 9]
+
+
+def test_span_inputs_are_made_on_the_inputs_device(tiny_model, monkeypatch):
+    """Users train on GPUs: the meta device stands in for one (mixing a CPU tensor into a meta computation raises).
+    The one value read off the spans, the longest span's length, meta cannot give: it is handed over (3 tokens)."""
+    objective, _ = make(tiny_model, "costa")
+    meta = torch.device("meta")
+    objective.to(meta)
+    monkeypatch.setattr(costa, "int", lambda value: 3, raising=False)
+    out = objective._span_inputs(torch.zeros(2, 12, dtype=torch.long, device=meta),
+                                 torch.ones(2, 3, dtype=torch.long, device=meta),
+                                 torch.full((2, 3), 3, dtype=torch.long, device=meta))
+    assert {v.device for v in out.values()} == {meta}
+    assert [tuple(v.shape) for v in out.values()] == [(6, 10)] * 3  # width 1 + 8 + 1
 
 
 def test_prepare_makes_one_input_per_granularity_from_the_first_ordinary_token(tiny_model):
@@ -266,6 +302,24 @@ def test_forward_on_rank_1_of_2(tiny_model, docstrings, cross_process):
         assert abs(expected - loss_by_hand(texts, every, [r // 4 for r in range(16)], [2, 3], 0.5)) > 1e-3
     else:
         expected = local
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_forward_on_rank_1_of_2_without_documents(tiny_model, docstrings):
+    """A batch without `doc` on rank 1 of 2: there are no documents to gather (gather(None) would fail on a real
+    process group), and no span is left out: texts 2, 3 against all 16 spans, rank 0's 8 then ours."""
+    objective, tokenizer = make(tiny_model, "costa", temperature=0.5, **SPANS)
+    batch = objective.prepare(batch_of(tokenizer, [d["text"] for d in docstrings[3:5]], max_len=24))
+    _, texts, spans = by_hand(objective, batch)
+    ours = spans.flatten(0, 1)
+    torch.manual_seed(1)
+    other = ours.flip(0) + 0.05 * ours.std() * torch.randn(ours.shape)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake_world(monkeypatch, other, None, 2, 4)
+        with torch.no_grad():
+            got = objective(batch)["span"].item()
+    expected = loss_by_hand(texts, torch.cat([other, ours]), [r // 4 for r in range(16)], [2, 3], 0.5)
+    assert abs(expected - loss_by_hand(texts, ours, [r // 4 for r in range(8)], [0, 1], 0.5)) > 1e-3
     assert got == pytest.approx(expected, rel=1e-5)
 
 
