@@ -77,17 +77,15 @@ def joint_scores(queries: HybridVectors, docs: HybridVectors, rows: slice) -> np
 
 
 def exact_search(queries: HybridVectors, docs: HybridVectors, k: int, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, document positions), each (Q, k), best first."""
+    """(scores, document positions), each (Q, k), best first; ties by position, as `pooled_search` and the merge
+    of shards (`merge_top_k`) order them, so that the top-k does not depend on the path or on the corpus's split.
+    (A partition alone kept any of the documents tied at the k-th place.)"""
+    from retromae.retrieval.sparse import _top_k_rows
+
     k = min(k, docs.dense.shape[0])
-    all_scores, all_positions = [], []
-    for start in range(0, queries.dense.shape[0], batch):
-        scores = joint_scores(queries, docs, slice(start, start + batch))
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, 1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        all_positions.append(np.take_along_axis(top, order, 1))
-        all_scores.append(np.take_along_axis(top_scores, order, 1))
-    return np.concatenate(all_scores).astype(np.float32), np.concatenate(all_positions)
+    found = [_top_k_rows(joint_scores(queries, docs, slice(start, start + batch)), k)
+             for start in range(0, queries.dense.shape[0], batch)]
+    return np.concatenate([s for s, _ in found]), np.concatenate([p for _, p in found])
 
 
 def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int = 1000, index_factory: str = "Flat",
