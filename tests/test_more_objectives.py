@@ -538,9 +538,15 @@ def test_layer_and_dim_evaluation_encodes_once_and_scores_every_pair(tiny_model,
     encoder = TextEncoder(str(tiny_model), cfg, device="cpu").with_layers([1, 2])
     docs = encoder.encode(texts, "passage", show_progress=False)
     queries = encoder.encode([data.queries[q] for q in qids], "query", show_progress=False)
-    for i, layer in enumerate([1, 2]):
-        first = slice(32 * i, 32 * i + 8)  # layer i's block of 32, its first 8 coordinates
-        scores = queries[:, first] @ docs[:, first].T
+    def ndcg_of(block):
+        scores = queries[:, block].astype(np.float64) @ docs[:, block].T.astype(np.float64)
         run = {q: {ids[j]: float(scores[n, j]) for j in np.argsort(-scores[n])[:100]} for n, q in enumerate(qids)}
-        expected = evaluate(data.qrels, run, ["ndcg@10"])[0]["ndcg@10"]
-        assert grid["matryoshka"][f"{layer}x8"]["ndcg@10"] == pytest.approx(expected, abs=1e-6), (layer, expected)
+        return evaluate(data.qrels, run, ["ndcg@10"])[0]["ndcg@10"]
+
+    # FAISS's float32 inner products and these differ in the last bits, and with several BLAS threads a near-tie of
+    # this random model can rank the other way (seen: 0.011339 against 0.011416), hence a tolerance. This random
+    # model's slices all score about alike, so this end-to-end check cannot tell the first 8 coordinates from
+    # others: that rule is pinned on hand-made vectors (test_pinned_evaluate.py, the layer and dim grid)
+    for i, layer in enumerate([1, 2]):
+        expected = ndcg_of(slice(32 * i, 32 * i + 8))  # layer i's block of 32, its first 8 coordinates
+        assert grid["matryoshka"][f"{layer}x8"]["ndcg@10"] == pytest.approx(expected, abs=5e-4), (layer, expected)
