@@ -56,13 +56,14 @@ ALSO_TESTED_BY = {"objectives/dupmae": ["tests/test_finetune.py", "tests/test_re
 def selection(name: str) -> tuple[list[str], list[str]]:
     """A module's files and tests; `objectives/NAME` is one objective's file with the objectives' tests. Tests written
     from a module's survivors live in `tests/test_pinned_<module>.py` (`test_pinned_<objective>.py` for an objective's
-    file) and join its selection."""
+    file, or `test_pinned_<module>_<part>.py`) and join its selection."""
     if name.startswith("objectives/"):
         files, tests = [f"retromae/{name}.py"], MODULES["objectives"][1] + ALSO_TESTED_BY.get(name, [])
     else:
         files, tests = MODULES[name]
     stem = name.split("/")[-1].replace("-", "_")
-    pinned = sorted(ROOT.glob("tests/test_pinned_*.py")) if name == "objectives" else [ROOT / f"tests/test_pinned_{stem}.py"]
+    pinned = sorted(ROOT.glob("tests/test_pinned_*.py")) if name == "objectives" else \
+        [ROOT / f"tests/test_pinned_{stem}.py", *sorted(ROOT.glob(f"tests/test_pinned_{stem}_*.py"))]
     return files, tests + [str(p.relative_to(ROOT)) for p in pinned if p.is_file()]
 
 
