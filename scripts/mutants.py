@@ -76,9 +76,9 @@ def equivalent_mutants() -> dict[str, str]:
 
 # tests left out of every selection: runs of many steps on a real corpus (each mutant they reach would pay for them;
 # the rules they watch are pinned by the by-hand tests), and Seismic's (its Rust thread pool, started before mutmut
-# forks a test process, deadlocks in the child)
+# forks a test process, deadlocks in the child), and the packaging's (it reads README.md, which the copy lacks)
 SLOW_FOR_MUTANTS = ("not real_corpus and not pretrains_on_a_real_beir_corpus and not learns_and_exports "
-                    "and not seismic and not sparse_encoder_agrees")
+                    "and not seismic and not sparse_encoder_agrees and not pyproject_licence")
 
 
 def prepare_copy(name: str) -> Path:
