@@ -110,11 +110,12 @@ def prepare_copy(name: str) -> Path:
     return work
 
 
-def reopen_survivors(work: Path) -> int:
+def reopen_survivors(work: Path, unchecked_too: bool = False) -> int:
     """Set every verdict of the last run but "killed" back to untested, and keep the rest: with tests only added since
     (a kill stays a kill), mutmut then collects the new tests' reach and re-tests the mutants that were not killed.
     mutmut would reset every verdict on a changed test selection; its configuration fingerprint is dropped for that
-    reason (a function whose source changed is still re-tested whole: mutmut compares each function's hash)."""
+    reason (a function whose source changed is still re-tested whole: mutmut compares each function's hash).
+    `unchecked_too`: the mutants a stopped run never reached are tested as well (else they are left for a full run)."""
     from mutmut.stats import status_by_exit_code
 
     stats = work / "mutants" / "mutmut-stats.json"
@@ -128,7 +129,9 @@ def reopen_survivors(work: Path) -> int:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         codes = meta["exit_code_by_key"]
         for key, code in codes.items():
-            if code is None:  # a run stopped before it: no survivor; left for a full run (skipped now, restored after)
+            if code is None and unchecked_too:
+                reopened += 1
+            elif code is None:  # a run stopped before it: no survivor; left for a full run (skipped now, restored after)
                 codes[key] = SKIPPED
                 unchecked.append(key)
             elif status_by_exit_code[code] != "killed":
@@ -153,14 +156,15 @@ def restore_unchecked(work: Path) -> None:
     listed.unlink()
 
 
-def run_module(name: str, max_children: int, keep: bool, recount: bool = False, survivors: bool = False) -> Counter:
+def run_module(name: str, max_children: int, keep: bool, recount: bool = False, survivors: bool = False,
+               unchecked_too: bool = False) -> Counter:
     work = ROOT / ".mutmut" / name.replace("/", "-")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     mutmut = Path(sys.executable).with_name("mutmut")
     if not recount:
         work = prepare_copy(name)
         if survivors:
-            print(f"{name}: {reopen_survivors(work)} mutants not killed by the last run re-tested", flush=True)
+            print(f"{name}: {reopen_survivors(work, unchecked_too)} mutants not killed by the last run re-tested", flush=True)
         elif not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
             shutil.rmtree(work / "mutants", ignore_errors=True)
         subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
@@ -226,6 +230,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="reuse the last run's results (sources unchanged)")
     parser.add_argument("--survivors", action="store_true", help="re-test only the mutants the last run did not "
                         "kill, with the tests of now (tests added since; a kill stays a kill)")
+    parser.add_argument("--unchecked", action="store_true", help="with --survivors: also test the mutants a stopped "
+                        "run never reached")
     parser.add_argument("--recount", action="store_true", help="count the last run's results again, with the "
                         "equivalent mutants docs/mutation.md lists now (nothing is run)")
     args = parser.parse_args()
@@ -234,7 +240,8 @@ def main() -> int:
         parser.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
     rows = {}
     for name in args.modules or list(MODULES):
-        rows[name] = row(name, run_module(name, args.max_children, args.keep, args.recount, args.survivors))
+        rows[name] = row(name, run_module(name, args.max_children, args.keep, args.recount, args.survivors,
+                                         args.unchecked))
         print(rows[name], flush=True)
     if args.write:
         write_table(rows)
