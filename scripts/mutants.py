@@ -164,7 +164,8 @@ def run_module(name: str, max_children: int, keep: bool, recount: bool = False, 
     if not recount:
         work = prepare_copy(name)
         if survivors:
-            print(f"{name}: {reopen_survivors(work, unchecked_too)} mutants not killed by the last run re-tested", flush=True)
+            reopened = reopen_survivors(work, unchecked_too)
+            print(f"{name}: {reopened} mutants not killed by the last run re-tested", flush=True)
         elif not keep:  # mutmut keeps results and its test mapping between runs; new tests would not reach old survivors
             shutil.rmtree(work / "mutants", ignore_errors=True)
         subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=work, env=env, check=False)
