@@ -98,8 +98,9 @@ def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int
     of dense candidates alone misses documents that win on their sparse part). The sparse scores come from one
     sparse product per query batch (only documents sharing a vocabulary entry with the query have any), so no
     (queries x corpus) dense matrix is ever built. A query whose pool is too shallow for even a zero sparse
-    score to be bounded (k-th joint score <= floor) is scored against the whole corpus. `stats`, if given,
-    receives the number of documents added by the bound and of queries scored in full.
+    score to be bounded (k-th joint score <= floor) is scored against the whole corpus, and so is one for which an
+    approximate index returns fewer than k candidates. `stats`, if given, receives the number of documents added
+    by the bound and of queries scored in full.
     """
     from retromae.retrieval.index import DenseIndex
 
@@ -117,7 +118,10 @@ def pooled_search(queries: HybridVectors, docs: HybridVectors, k: int, pool: int
             q = start + offset
             sparse = sparse_rows[offset]
             candidates = np.array([int(h) for h in hits[q]], dtype=np.int64)
-            if len(candidates) < n_docs:
+            if len(candidates) < k:  # an approximate index found fewer than k: no k-th score to bound with
+                candidates = np.arange(n_docs)
+                full += 1
+            elif len(candidates) < n_docs:
                 joint = _joint(queries, docs, q, candidates, sparse)
                 kth = np.partition(joint, len(joint) - k)[len(joint) - k]
                 floor = float(pool_scores[q, len(candidates) - 1])
