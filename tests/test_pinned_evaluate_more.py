@@ -1,0 +1,340 @@
+"""More rules of `retromae.retrieval.evaluate`, pinned on tiny inputs whose expected values are worked out by hand in
+the comments (issue 18: mutation testing, the survivors of the first pass). The fakes of test_pinned_evaluate are
+reused: fake processes are threads of this one."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from test_pinned_evaluate import (FakeCorpus, FakeHybridEncoder, FakeLayerEncoder, FakeProcess, _grid_result,
+                                  data_of, in_threads, tiny_beir)
+
+import retromae.distributed
+import retromae.retrieval.search
+from retromae.config import ConfigError
+from retromae.retrieval import evaluate as ev
+from retromae.retrieval.data import RetrievalData
+from retromae.retrieval.evaluate import SearchConfig, SuiteConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class DenseEncoder(FakeLayerEncoder):
+    """The layer-1 block of FakeLayerEncoder's table only: q0 . d = 1 2 3, q1 . d = 0 2 0."""
+
+    table = {t: v[:3] for t, v in FakeLayerEncoder.table.items()}
+
+
+def _three_docs_two_queries():
+    return data_of(ids=["d0", "d1", "d2"], queries={"x": "q0", "y": "q1"})
+
+
+# ----- the scratch space asked for -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_space_checked_counts_the_vectors_and_every_process_s_results(tmp_path, monkeypatch, grid):
+    # 3 documents + 2 queries, float32 (4 bytes); dimension 3 (dense) or 2 layers x 3 = 6 (the grid):
+    #   dense: (3 + 2) x 3 x 4 = 60,  grid: (3 + 2) x 6 x 4 = 120
+    # plus the results: 2 processes x 2 queries x depth 2 x 12 bytes (float32 score + int64 position) = 96
+    asked = []
+    monkeypatch.setattr(ev, "check_space_everywhere", lambda work, needed, what: asked.append(needed))
+    data = _three_docs_two_queries()
+    if grid:
+        search = SearchConfig(layers=[1, 3], dims=[1], use_gpu="false")
+        in_threads(2, lambda state: ev.matryoshka_run(FakeLayerEncoder(), data, search, tmp_path, state, 2))
+    else:
+        in_threads(2, lambda state: ev.dense_run(DenseEncoder(), data, SearchConfig(use_gpu="false"), tmp_path,
+                                                 state, 2))
+    assert asked == [(120 if grid else 60) + 96] * 2
+
+
+# ----- the search's settings -------------------------------------------------------------------------------------
+
+
+def _search_spy(monkeypatch, answer=None):
+    """evaluate's search_shard replaced: each call's arguments by name (defaults filled in) recorded; the real search
+    run, or `answer(queries)` returned instead."""
+    real = retromae.retrieval.search.search_shard
+    signature, calls = inspect.signature(real), []
+
+    def search_shard(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return answer(bound.arguments["queries"]) if answer else real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "search_shard", search_shard)
+    return calls
+
+
+def test_dense_run_searches_on_the_encoder_s_device(tmp_path, monkeypatch):
+    calls = _search_spy(monkeypatch)
+    encoder = DenseEncoder()
+    encoder.device = torch.device("cpu")  # its own object: passed on as it is, not a default
+    found = ev.dense_run(encoder, _three_docs_two_queries(), SearchConfig(use_gpu="false"), tmp_path,
+                         FakeProcess(0, 1), 2)
+    assert len(calls) == 1 and calls[0]["device"] is encoder.device
+    # q0 . d = 1 2 3 -> d2 d1;  q1 . d = 0 2 0 -> d1, then d0 (the tie 0 0 by position)
+    assert found[2].tolist() == [[2, 1], [1, 0]]
+
+
+def test_grid_search_passes_index_backend_gpu_nprobe_and_device_of_the_config(tmp_path, monkeypatch):
+    calls = _search_spy(monkeypatch)
+    encoder = FakeLayerEncoder()
+    encoder.device = torch.device("cpu")
+    search = SearchConfig(layers=[1, 3], dims=[1, 3], use_gpu="FALSE", backend="faiss", nprobe=7)
+    ev.matryoshka_run(encoder, _three_docs_two_queries(), search, tmp_path, FakeProcess(0, 1), 2)
+    assert len(calls) == 4  # 2 layers x 2 dims
+    for call in calls:
+        assert (call["k"], call["factory"], call["backend"], call["nprobe"]) == (2, "Flat", "faiss", 7)
+        assert call["use_gpu"] is False, "'FALSE' read as no GPU"
+        assert call["device"] is encoder.device
+
+
+def test_grid_keeps_a_process_s_padding_as_padding(tmp_path, monkeypatch):
+    # every search finds one document, at shard position 0 with score 1, and pads its second place (-1): 3 documents
+    # over 2 processes (shard_range: 3 x 1 // 2 = 1: d0 | d1 d2), so rank 1's first position is 1. Merged to depth 4
+    # (2 + 2 columns): (1, 0) (1, 1), then the two pads, which stay -1
+    def answer(queries):
+        count = len(queries)
+        return (np.tile(np.array([[1, -np.inf]], np.float32), (count, 1)), np.tile(np.array([[0, -1]]), (count, 1)))
+
+    _search_spy(monkeypatch, answer)
+    search = SearchConfig(layers=[1], dims=[2], use_gpu="false")
+    found = in_threads(2, lambda state: ev.matryoshka_run(FakeLayerEncoder(), _three_docs_two_queries(), search,
+                                                          tmp_path, state, 4))
+    _, scores, positions = found[0][(1, 2)]
+    assert positions.tolist() == [[0, 1, -1, -1]] * 2
+    assert scores.tolist() == [[1, 1, -np.inf, -np.inf]] * 2
+
+
+def test_grid_reads_the_corpus_shard_memory_mapped(tmp_path, monkeypatch):
+    # the shard holds every layer's vectors (L x the width): mapped, only the columns of one cell are read at a time
+    loads = []
+    real_load = np.load
+
+    def load(file, *args, **kwargs):
+        loads.append((Path(file), kwargs.get("mmap_mode", args[0] if args else None)))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    search = SearchConfig(layers=[1, 3], dims=[3], use_gpu="false")
+    found = ev.matryoshka_run(FakeLayerEncoder(), _three_docs_two_queries(), search, tmp_path, FakeProcess(0, 1), 2)
+    corpus = [mode for path, mode in loads if (tmp_path / "corpus") in path.parents]
+    assert corpus and set(corpus) == {"r"}
+    assert found[(1, 3)][2][0].tolist() == [2, 1]  # q0 . d = 1 2 3 at layer 1: d2 d1
+
+
+# ----- merging a block of queries at a time ------------------------------------------------------------------------
+
+
+def test_merge_in_blocks_merges_each_block_of_queries_once(monkeypatch):
+    merged = []
+    real = ev.merge_top_k
+
+    def merge_top_k(scores, positions, k):
+        merged.append(len(scores[0]))
+        return real(scores, positions, k)
+
+    monkeypatch.setattr(ev, "merge_top_k", merge_top_k)
+    parts = [(np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(10).reshape(5, 2))]
+    # 5 queries in blocks of 2: rows 0-1, 2-3, 4: three merges of 2, 2 and 1 rows; each row's best is its second
+    # column (1, 3, 5, 7, 9)
+    scores, positions = ev.merge_in_blocks(parts, 1, block=2)
+    assert merged == [2, 2, 1]
+    assert positions[:, 0].tolist() == [1, 3, 5, 7, 9] and scores[:, 0].tolist() == [1, 3, 5, 7, 9]
+
+
+# ----- DupMAE -----------------------------------------------------------------------------------------------------
+
+
+class TitledCorpus(FakeCorpus):
+    def passages(self, separator=" "):
+        return self.ids, [f"T{separator}text of {i}" for i in self.ids]
+
+
+class RecordingHybridEncoder(FakeHybridEncoder):
+    def __init__(self):
+        super().__init__()
+        self.texts = []
+
+    def encode(self, texts, kind):
+        self.texts.append((kind, list(texts)))
+        return super().encode(texts, kind)
+
+
+def test_hybrid_run_encodes_title_and_text_with_the_configured_separator(tmp_path):
+    data = RetrievalData("tiny", TitledCorpus(["d0", "d1", "d2"]), {"x": "q0", "y": "q1"}, {})
+    encoder = RecordingHybridEncoder()
+    search = SearchConfig(representation="dupmae", title_separator=" | ")
+    found = ev.hybrid_run(encoder, data, search, tmp_path, FakeProcess(0, 1), 2)
+    assert encoder.texts == [("passage", ["T | text of d0", "T | text of d1", "T | text of d2"]),
+                             ("query", ["q0", "q1"])]
+    assert found[2].tolist() == [[2, 0], [1, 0]]  # joint scores q0 4 4 6, q1 0 1 -2 (test_pinned_evaluate._hybrid)
+
+
+def test_hybrid_run_of_a_shard_without_documents_gives_typed_empty_results(tmp_path):
+    # one process and no document: (2 queries, 0) results, float32 scores and int64 positions as a search gives
+    data = RetrievalData("tiny", FakeCorpus([]), {"x": "q0", "y": "q1"}, {})
+    query_ids, scores, positions = ev.hybrid_run(FakeHybridEncoder(), data, SearchConfig(representation="dupmae"),
+                                                 tmp_path, FakeProcess(0, 1), 2)
+    assert query_ids == ["x", "y"]
+    assert (scores.shape, scores.dtype, positions.shape, positions.dtype) == ((2, 0), np.float32, (2, 0), np.int64)
+    assert ev._to_run(data, query_ids, scores, positions) == {"x": {}, "y": {}}
+
+
+# ----- the heatmap ------------------------------------------------------------------------------------------------
+
+
+def _heatmap(tmp_path, monkeypatch, result, search):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    ev.write_matryoshka(result, search, tmp_path / "out.json")
+    return figures[0].axes[0]
+
+
+def test_heatmap_is_viridis_cells_fill_the_axes_ticks_at_the_cells_whatever_the_user_s_defaults(tmp_path,
+                                                                                              monkeypatch):
+    # a matplotlibrc of the user's with another colour map and square cells changes nothing
+    search = SearchConfig(metrics=["map"], layers=[1, 2], dims=[8, 16])
+    with matplotlib.rc_context({"image.cmap": "gray", "image.aspect": "equal"}):
+        ax = _heatmap(tmp_path, monkeypatch, _grid_result(), search)
+    assert ax.get_images()[0].get_cmap().name == "viridis"
+    assert ax.get_aspect() == "auto"
+    # ticks at the cells' columns and rows (0, 1), labelled with the dims and the layers
+    assert ax.get_xticks().tolist() == [0, 1] and [t.get_text() for t in ax.get_xticklabels()] == ["8", "16"]
+    assert ax.get_yticks().tolist() == [0, 1] and [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+
+
+def test_heatmap_cell_at_the_mean_is_written_in_black(tmp_path, monkeypatch):
+    # one layer, 3 dims: 0.25 0.5 0.75, mean (0.25 + 0.5 + 0.75) / 3 = 0.5 exactly: white strictly below it only
+    result = {"dataset": "tiny", "matryoshka": {"1x8": {"map": 0.25}, "1x16": {"map": 0.5}, "1x32": {"map": 0.75}}}
+    ax = _heatmap(tmp_path, monkeypatch, result, SearchConfig(metrics=["map"], layers=[1], dims=[8, 16, 32]))
+    assert [(t.get_text(), t.get_color()) for t in ax.texts] == [("0.250", "white"), ("0.500", "black"),
+                                                                 ("0.750", "black")]
+
+
+# ----- the scratch folder shared by a launch ----------------------------------------------------------------------
+
+
+class ThreadLaunch:
+    """retromae.distributed's world and collectives for fake processes that are threads; `blind` ranks run on a
+    machine that does not share the main process's files (their view of the folder check is 'not seen')."""
+
+    def __init__(self, size, blind=()):
+        self.size, self.blind, self.local = size, set(blind), threading.local()
+        self.barrier, self.box = threading.Barrier(size), {}
+
+    def world(self):
+        return self.local.rank, self.size
+
+    def _exchange(self, value):
+        self.box[self.local.rank] = value
+        self.barrier.wait(timeout=60)
+        out = [self.box[r] for r in range(self.size)]
+        self.barrier.wait(timeout=60)
+        return out
+
+    def broadcast_decision(self, value):
+        return self._exchange(value)[0]
+
+    def gather_objects(self, value):
+        views = self._exchange(value)
+        return [(False, *v[1:]) if r in self.blind else v for r, v in enumerate(views)]
+
+    def run(self, monkeypatch, work):
+        for name in ("world", "broadcast_decision", "gather_objects"):
+            monkeypatch.setattr(retromae.distributed, name, getattr(self, name))
+
+        def process(state):
+            self.local.rank = state.process_index
+            try:
+                return work(state)
+            except BaseException:
+                self.barrier.abort()
+                raise
+
+        return in_threads(self.size, process)
+
+
+def test_shared_work_dir_is_made_once_by_the_main_process_and_seen_by_all(tmp_path, monkeypatch):
+    works = ThreadLaunch(2).run(monkeypatch, lambda state: ev._shared_work_dir(state, tmp_path / "root"))
+    assert works[0] == works[1] and works[0].parent == tmp_path / "root"
+    assert list((tmp_path / "root").iterdir()) == [works[0]], "one folder: the other process makes none"
+    assert list(works[0].iterdir()) == [], "the folder check's file is gone"
+
+
+def test_shared_work_dir_not_seen_by_a_process_names_the_settings_that_choose_it(tmp_path, monkeypatch):
+    errors = []
+
+    def work(state):
+        try:
+            ev._shared_work_dir(state, tmp_path / "root")
+        except ConfigError as err:
+            errors.append(str(err))
+
+    ThreadLaunch(2, blind=[1]).run(monkeypatch, work)
+    [folder] = (tmp_path / "root").iterdir()
+    assert len(errors) == 2, "every process stops"
+    assert all(e.startswith(f"the scratch folder (--work-dir, search.work_dir or $RETROMAE_WORK)={folder}: the "
+                            "processes of this launch do not see the same folder: process 1 ") for e in errors)
+
+
+# ----- suites ----------------------------------------------------------------------------------------------------
+
+
+def test_load_suite_error_names_the_line_of_the_file(tmp_path):
+    path = tmp_path / "suite.yaml"
+    path.write_text("name: beir\ndatasets: [a]\n\ndatasetz: [b]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: unknown key 'datasetz'"):
+        ev.load_suite(str(path))
+
+
+class Stdout:
+    """sys.stdout that records what is written and when it is flushed."""
+
+    def __init__(self):
+        self.events = []
+
+    def write(self, text):
+        self.events.append(("write", text))
+        return len(text)
+
+    def flush(self):
+        self.events.append(("flush", None))
+
+
+def test_run_suite_says_each_line_at_once_builds_the_encoder_on_the_process_device(tmp_path, monkeypatch):
+    # the unreadable dataset's note then a's row, each flushed as it is said (under a launch stdout is a pipe);
+    # one encoder, from the suite's encoding settings, on this process's device (cuda:1 here: rank 1's GPU)
+    calls, built = [], []
+    state = FakeProcess(0, 1)
+    state.device = torch.device("cuda", 1)
+    monkeypatch.setattr(retromae.distributed, "process_state", lambda: state)
+    monkeypatch.setattr(ev, "make_encoder", lambda model, encode, search, device: built.append((encode, device))
+                        or "the encoder")
+    monkeypatch.setattr(ev, "evaluate_model", lambda model, data, split, encode, search, encoder=None: calls.append(
+        (encode, encoder)) or {"ndcg@10": 0.5})
+    tiny_beir(tmp_path / "a")
+    (tmp_path / "broken").mkdir()
+    suite = SuiteConfig(name="t", data_root=str(tmp_path), datasets=["broken", "a"],
+                        search=SearchConfig(metrics=["ndcg@10"]))
+    out = Stdout()
+    monkeypatch.setattr("sys.stdout", out)
+    _, table = ev.run_suite("m", suite)
+    monkeypatch.undo()
+    note = next(line[2:] for line in table.splitlines() if line.startswith("- skipped broken: "))
+    assert out.events == [("write", note), ("write", "\n"), ("flush", None),
+                          ("write", "a: ndcg@10 0.5000"), ("write", "\n"), ("flush", None)]
+    assert built == [(suite.encode, torch.device("cuda", 1))]
+    assert calls == [(suite.encode, "the encoder")]
