@@ -39,20 +39,64 @@ def _three_docs_two_queries():
 
 
 @pytest.mark.parametrize("grid", [False, True])
-def test_space_checked_counts_the_vectors_and_every_process_s_results(tmp_path, monkeypatch, grid):
-    # 3 documents + 2 queries, float32 (4 bytes); dimension 3 (dense) or 2 layers x 3 = 6 (the grid):
-    #   dense: (3 + 2) x 3 x 4 = 60,  grid: (3 + 2) x 6 x 4 = 120
+@pytest.mark.parametrize("shard_dtype, size", [("float32", 4), ("float16", 2)])
+def test_space_checked_counts_the_vectors_and_every_process_s_results(tmp_path, monkeypatch, grid, shard_dtype, size):
+    # 3 documents + 2 queries of `size` bytes a coordinate; dimension 3 (dense) or 2 layers x 3 = 6 (the grid):
+    #   float32: dense (3 + 2) x 3 x 4 = 60, grid (3 + 2) x 6 x 4 = 120;  float16: half of that, 30 and 60
     # plus the results: 2 processes x 2 queries x depth 2 x 12 bytes (float32 score + int64 position) = 96
     asked = []
-    monkeypatch.setattr(ev, "check_space_everywhere", lambda work, needed, what: asked.append(needed))
+    monkeypatch.setattr(ev, "check_space_everywhere", lambda work, needed, what: asked.append((needed, what)))
     data = _three_docs_two_queries()
     if grid:
-        search = SearchConfig(layers=[1, 3], dims=[1], use_gpu="false")
+        search = SearchConfig(layers=[1, 3], dims=[1], use_gpu="false", shard_dtype=shard_dtype)
         in_threads(2, lambda state: ev.matryoshka_run(FakeLayerEncoder(), data, search, tmp_path, state, 2))
     else:
-        in_threads(2, lambda state: ev.dense_run(DenseEncoder(), data, SearchConfig(use_gpu="false"), tmp_path,
-                                                 state, 2))
-    assert asked == [(120 if grid else 60) + 96] * 2
+        in_threads(2, lambda state: ev.dense_run(DenseEncoder(), data, SearchConfig(use_gpu="false",
+                                                                                    shard_dtype=shard_dtype),
+                                                 tmp_path, state, 2))
+    vectors = 5 * (6 if grid else 3) * size
+    assert asked == [(vectors + 96, "encoding the corpus and the queries")] * 2
+
+
+class TitledCorpus(FakeCorpus):
+    def passages(self, separator=" "):
+        return self.ids, [f"T{separator}text of {i}" for i in self.ids]
+
+
+class RecordingDenseEncoder(DenseEncoder):
+    """DenseEncoder's vectors for 'T | text of dN' too; each call's kind, progress setting, texts and the dtype of
+    the array it fills recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def encode(self, texts, kind, show_progress=False, out=None):
+        texts = list(texts[:])  # a Window is read by slices, as the real encoder reads it
+        self.calls.append((kind, show_progress, out.dtype, texts))
+        super().encode([t.removeprefix("T | ") for t in texts], kind, out=out)
+
+
+def test_encoding_shards_texts_and_queries_with_progress_on_the_main_process_in_the_shard_dtype(tmp_path):
+    # 3 titled documents and 2 queries over 2 processes: documents d0 | d1 d2 (shard_range), queries q0 | q1; the
+    # title joined by the configured separator; only the main process shows the corpus's progress, nobody the
+    # queries'; every shard in float16
+    data = RetrievalData("tiny", TitledCorpus(["d0", "d1", "d2"]), {"x": "q0", "y": "q1"}, {})
+    search = SearchConfig(use_gpu="false", title_separator=" | ", shard_dtype="float16")
+    encoders = [RecordingDenseEncoder(), RecordingDenseEncoder()]
+    found = in_threads(2, lambda state: (ev.encode_corpus_and_queries(encoders[state.process_index], data, search,
+                                                                      tmp_path, state, 2)))
+    half = np.dtype(np.float16)
+    assert encoders[0].calls == [("passage", True, half, ["T | text of d0"]), ("query", False, half, ["q0"])]
+    assert encoders[1].calls == [("passage", False, half, ["T | text of d1", "T | text of d2"]),
+                                 ("query", False, half, ["q1"])]
+    for rank, (query_ids, shard, queries, first) in enumerate(found):
+        assert query_ids == ["x", "y"] and first == [0, 1][rank]
+        # every query shard, in order, on every process: q0 = [1, 1, 1], q1 = [0, 1, 0]
+        assert [q.dtype for q in queries] == [half, half]
+        assert np.concatenate(queries).tolist() == [[1, 1, 1], [0, 1, 0]]
+        assert np.load(shard).dtype == half
+        assert np.load(shard).tolist() == [[[1, 0, 0]], [[0, 2, 0], [0, 0, 3]]][rank]
 
 
 # ----- the search's settings -------------------------------------------------------------------------------------
@@ -74,13 +118,15 @@ def _search_spy(monkeypatch, answer=None):
     return calls
 
 
-def test_dense_run_searches_on_the_encoder_s_device(tmp_path, monkeypatch):
+def test_dense_run_passes_index_backend_gpu_nprobe_and_the_encoder_s_device(tmp_path, monkeypatch):
     calls = _search_spy(monkeypatch)
     encoder = DenseEncoder()
     encoder.device = torch.device("cpu")  # its own object: passed on as it is, not a default
-    found = ev.dense_run(encoder, _three_docs_two_queries(), SearchConfig(use_gpu="false"), tmp_path,
-                         FakeProcess(0, 1), 2)
+    search = SearchConfig(use_gpu="FALSE", backend="faiss", nprobe=7)
+    found = ev.dense_run(encoder, _three_docs_two_queries(), search, tmp_path, FakeProcess(0, 1), 2)
     assert len(calls) == 1 and calls[0]["device"] is encoder.device
+    assert (calls[0]["k"], calls[0]["factory"], calls[0]["backend"], calls[0]["nprobe"]) == (2, "Flat", "faiss", 7)
+    assert calls[0]["use_gpu"] is False, "'FALSE' read as no GPU"
     # q0 . d = 1 2 3 -> d2 d1;  q1 . d = 0 2 0 -> d1, then d0 (the tie 0 0 by position)
     assert found[2].tolist() == [[2, 1], [1, 0]]
 
@@ -115,21 +161,28 @@ def test_grid_keeps_a_process_s_padding_as_padding(tmp_path, monkeypatch):
     assert scores.tolist() == [[1, 1, -np.inf, -np.inf]] * 2
 
 
-def test_grid_reads_the_corpus_shard_memory_mapped(tmp_path, monkeypatch):
-    # the shard holds every layer's vectors (L x the width): mapped, only the columns of one cell are read at a time
+@pytest.mark.parametrize("grid", [False, True])
+def test_shards_are_read_memory_mapped(tmp_path, monkeypatch, grid):
+    # a corpus shard (all layers' vectors for the grid) is mapped, never read whole into memory: the search reads it
+    # a chunk at a time, the grid one cell's columns at a time
     loads = []
     real_load = np.load
 
     def load(file, *args, **kwargs):
-        loads.append((Path(file), kwargs.get("mmap_mode", args[0] if args else None)))
+        loads.append((Path(file).name, kwargs.get("mmap_mode", args[0] if args else None)))
         return real_load(file, *args, **kwargs)
 
     monkeypatch.setattr(np, "load", load)
-    search = SearchConfig(layers=[1, 3], dims=[3], use_gpu="false")
-    found = ev.matryoshka_run(FakeLayerEncoder(), _three_docs_two_queries(), search, tmp_path, FakeProcess(0, 1), 2)
-    corpus = [mode for path, mode in loads if (tmp_path / "corpus") in path.parents]
-    assert corpus and set(corpus) == {"r"}
-    assert found[(1, 3)][2][0].tolist() == [2, 1]  # q0 . d = 1 2 3 at layer 1: d2 d1
+    data = _three_docs_two_queries()
+    if grid:
+        search = SearchConfig(layers=[1, 3], dims=[3], use_gpu="false")
+        positions = ev.matryoshka_run(FakeLayerEncoder(), data, search, tmp_path, FakeProcess(0, 1), 2)[(1, 3)][2]
+    else:
+        positions = ev.dense_run(DenseEncoder(), data, SearchConfig(use_gpu="false"), tmp_path, FakeProcess(0, 1),
+                                 2)[2]
+    shards = [mode for name, mode in loads if name.startswith("shard-")]
+    assert len(shards) == 2 and set(shards) == {"r"}, "the corpus shard and the query shard"
+    assert positions[0].tolist() == [2, 1]  # q0 . d = 1 2 3 at layer 1: d2 d1
 
 
 # ----- merging a block of queries at a time ------------------------------------------------------------------------
@@ -153,11 +206,6 @@ def test_merge_in_blocks_merges_each_block_of_queries_once(monkeypatch):
 
 
 # ----- DupMAE -----------------------------------------------------------------------------------------------------
-
-
-class TitledCorpus(FakeCorpus):
-    def passages(self, separator=" "):
-        return self.ids, [f"T{separator}text of {i}" for i in self.ids]
 
 
 class RecordingHybridEncoder(FakeHybridEncoder):
