@@ -386,3 +386,112 @@ def test_run_suite_says_each_line_at_once_builds_the_encoder_on_the_process_devi
                           ("write", "a: ndcg@10 0.5000"), ("write", "\n"), ("flush", None)]
     assert built == [(suite.encode, torch.device("cuda", 1))]
     assert calls == [(suite.encode, "the encoder")]
+
+
+# ----- evaluate_model --------------------------------------------------------------------------------------------
+
+
+class SettledDenseEncoder(DenseEncoder):
+    def settings(self):
+        return {"pooling": "fake"}
+
+
+def _scratch_spy(monkeypatch):
+    """evaluate's make_scratch recorded: (root, prefix, the folder made)."""
+    made, real = [], ev.make_scratch
+
+    def make_scratch(root, prefix):
+        made.append((root, prefix, real(root, prefix)))
+        return made[-1][2]
+
+    monkeypatch.setattr(ev, "make_scratch", make_scratch)
+    return made
+
+
+@pytest.mark.parametrize("work_dir", [True, False])
+def test_evaluate_model_dense_scratch_beside_the_output_or_in_the_work_dir_and_its_settings(tmp_path, monkeypatch,
+                                                                                          work_dir):
+    # q0 . d = 1 2 3 -> d2 first; q1 . d = 0 2 0 -> d1 first: both relevant documents at rank 1, recall@1 = 1.
+    # One process: its own scratch folder (".retromae-eval-...") under search.work_dir, else beside the output
+    monkeypatch.delenv("RETROMAE_WORK", raising=False)
+    made = _scratch_spy(monkeypatch)
+    data = data_of({"x": {"d2": 1}, "y": {"d1": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0", "y": "q1"})
+    search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w") if work_dir else None)
+    output = tmp_path / "o" / "r.json"
+    result = ev.evaluate_model("m", data, search=search, output=str(output), encoder=SettledDenseEncoder())
+    assert result["recall@1"] == 1.0
+    [(root, prefix, folder)] = made
+    assert root == (tmp_path / "w" if work_dir else (tmp_path / "o").resolve())
+    assert prefix == "retromae-eval-" and folder.parent == root and not folder.exists(), "made there, then removed"
+    # the settings: depth 0 -> max(100, 1) = 100 (without the one more document of the identical-id rule), BEIR's
+    # rule, one process, the encoder's own settings
+    settings = result["settings"]
+    assert (settings["depth"], settings["ignore_identical_ids"], settings["num_processes"]) == (100, True, 1)
+    assert settings["pooling"] == "fake"
+
+
+def test_evaluate_model_bm25_reads_the_split_asked_and_records_the_retrieval_depth(tmp_path):
+    folder = tiny_beir(tmp_path / "a")
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
+    # depth 0 and recall@10: max(100, 10) = 100 documents (the config's own depth, 0, is not what was retrieved)
+    result = ev.evaluate_model("bm25", str(folder), "dev", None, SearchConfig(metrics=["recall@10"]))
+    assert result["split"] == "dev" and result["settings"]["depth"] == 100
+    assert result["recall@10"] == 1.0  # "apple" finds d0
+
+
+class TitledByIdCorpus(FakeCorpus):
+    """Documents titled by a table: passages 'title<separator>text'."""
+
+    titles = {"d0": "zebra", "d1": "apple", "d2": "pear"}
+
+    def passages(self, separator=" "):
+        return self.ids, [f"{self.titles[i]}{separator}plain text" for i in self.ids]
+
+
+def test_evaluate_model_bm25_searches_title_and_text_joined_by_the_separator():
+    # the query "apple" is d1's title only: joined by " | " it is a word of d1 ("apple | plain text"): recall@1 = 1
+    data = RetrievalData("tiny", TitledByIdCorpus(["d0", "d1", "d2"]), {"q": "apple"}, {"q": {"d1": 1}})
+    result = ev.evaluate_model("bm25", data, search=SearchConfig(metrics=["recall@1"], title_separator=" | "))
+    assert result["recall@1"] == 1.0
+
+
+# ----- the readability check --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def readability_checks(monkeypatch):
+    import retromae.inputs
+
+    seen = []
+    monkeypatch.setattr(retromae.inputs, "warn_if_unreadable", lambda tok, texts, name: seen.append((tok, texts)))
+    monkeypatch.setattr(retromae.inputs, "SAMPLE_TEXTS", 3)
+    monkeypatch.setattr(ev, "_READABILITY_CHECKED", set())
+    return seen
+
+
+class Nameless:
+    """A tokenizer without a name_or_path."""
+
+
+def test_readability_check_knows_a_collection_whatever_the_order_of_its_sources(readability_checks):
+    tokenizer = Nameless()
+    first, second = data_of(), data_of()
+    first.sources = {"corpus": "/c/corpus.jsonl", "queries": "/c/queries.jsonl"}
+    second.sources = {"queries": "/c/queries.jsonl", "corpus": "/c/corpus.jsonl"}  # the same, listed the other way
+    ev.warn_if_unreadable_once(tokenizer, first, " ")
+    ev.warn_if_unreadable_once(tokenizer, second, " ")
+    assert len(readability_checks) == 1
+
+
+def test_readability_check_tells_nameless_tokenizers_apart(readability_checks):
+    one, two = Nameless(), Nameless()
+    data = data_of()
+    for tokenizer in (one, two, one, two):
+        ev.warn_if_unreadable_once(tokenizer, data, " ")
+    assert [tok for tok, _ in readability_checks] == [one, two]
+
+
+def test_readability_check_samples_titles_joined_by_the_separator(readability_checks):
+    data = RetrievalData("tiny", TitledCorpus(["d0", "d1"]), {}, {})
+    ev.warn_if_unreadable_once(Nameless(), data, " | ")
+    assert readability_checks[0][1] == ["T | text of d0", "T | text of d1"]
