@@ -495,3 +495,35 @@ def test_readability_check_samples_titles_joined_by_the_separator(readability_ch
     data = RetrievalData("tiny", TitledCorpus(["d0", "d1"]), {}, {})
     ev.warn_if_unreadable_once(Nameless(), data, " | ")
     assert readability_checks[0][1] == ["T | text of d0", "T | text of d1"]
+
+
+def test_evaluate_model_over_two_processes_shares_one_scratch_under_the_work_dir_encoders_on_each_device(
+        tmp_path, monkeypatch):
+    # 2 processes (threads): the encoder built by each from the encoding settings on its own device (cuda:<rank>
+    # here: recorded, never used); one scratch folder, made by the main process under search.work_dir; the merged
+    # result as with one process: q0 -> d2, q1 -> d1, recall@1 = 1, on the main process only
+    from retromae.retrieval.encoder import EncodeConfig
+
+    made, built, states = _scratch_spy(monkeypatch), [], threading.local()
+    monkeypatch.setattr(retromae.distributed, "process_state", lambda: states.state)
+
+    def make_encoder(model, encode, search, device):
+        built.append((model, encode, device))
+        return SettledDenseEncoder()
+
+    monkeypatch.setattr(ev, "make_encoder", make_encoder)
+    data = data_of({"x": {"d2": 1}, "y": {"d1": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0", "y": "q1"})
+    encode = EncodeConfig(query_max_len=16)
+    search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w"))
+
+    def process(state):
+        state.device = torch.device("cuda", state.process_index)
+        states.state = state
+        return ev.evaluate_model("m", data, None, encode, search)
+
+    results = ThreadLaunch(2).run(monkeypatch, process)
+    assert results[1] is None and results[0]["recall@1"] == 1.0
+    assert sorted(built, key=lambda b: b[2].index) == [("m", encode, torch.device("cuda", 0)),
+                                                       ("m", encode, torch.device("cuda", 1))]
+    [(root, prefix, folder)] = made
+    assert (root, prefix) == (tmp_path / "w", "retromae-shards-") and not folder.exists()
