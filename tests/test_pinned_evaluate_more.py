@@ -527,3 +527,44 @@ def test_evaluate_model_over_two_processes_shares_one_scratch_under_the_work_dir
                                                        ("m", encode, torch.device("cuda", 1))]
     [(root, prefix, folder)] = made
     assert (root, prefix) == (tmp_path / "w", "retromae-shards-") and not folder.exists()
+
+
+class TokenizedEncoder(SettledDenseEncoder):
+    """SettledDenseEncoder with a tokenizer, reading titled texts 'T | text of dN' as 'text of dN'."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokenizer = Nameless()
+
+    def encode(self, texts, kind, show_progress=False, out=None):
+        super().encode([t.removeprefix("T | ") for t in texts[:]], kind, out=out)
+
+
+def test_evaluate_model_checks_the_readability_of_the_titled_texts_with_the_encoder_s_tokenizer(tmp_path,
+                                                                                              readability_checks):
+    # 3 titled documents, 3 sampled (every one): joined by the search's separator, read by the encoder's tokenizer
+    data = RetrievalData("tiny", TitledCorpus(["d0", "d1", "d2"]), {"x": "q0"}, {"x": {"d2": 1}})
+    encoder = TokenizedEncoder()
+    search = SearchConfig(metrics=["recall@1"], use_gpu="false", title_separator=" | ", work_dir=str(tmp_path))
+    assert ev.evaluate_model("m", data, search=search, encoder=encoder)["recall@1"] == 1.0  # q0 . d = 1 2 3
+    assert readability_checks == [(encoder.tokenizer, ["T | text of d0", "T | text of d1", "T | text of d2"])]
+
+
+def test_evaluate_model_returns_its_result_when_the_scratch_cannot_be_fully_removed(tmp_path, monkeypatch):
+    # a scratch folder on NFS can keep '.nfsXXXX' files of still-open shards: rmtree fails there, which must not
+    # lose the evaluation (the leftover is removed when the folder is next used)
+    import types
+
+    removed = []
+
+    def rmtree(path, ignore_errors=False):
+        removed.append(path)
+        if not ignore_errors:
+            raise OSError(39, "Directory not empty", str(path))
+
+    monkeypatch.setattr(ev, "shutil", types.SimpleNamespace(rmtree=rmtree))
+    made = _scratch_spy(monkeypatch)
+    data = data_of({"x": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0"})
+    search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w"))
+    assert ev.evaluate_model("m", data, search=search, encoder=SettledDenseEncoder())["recall@1"] == 1.0
+    assert removed == [made[0][2]]
