@@ -568,3 +568,60 @@ def test_evaluate_model_returns_its_result_when_the_scratch_cannot_be_fully_remo
     search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w"))
     assert ev.evaluate_model("m", data, search=search, encoder=SettledDenseEncoder())["recall@1"] == 1.0
     assert removed == [made[0][2]]
+
+
+# ----- encoders, result rows, gathered results ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("representation, module, name", [("dense", "retromae.retrieval.evaluate", "TextEncoder"),
+                                                          ("dupmae", "retromae.retrieval.hybrid", "HybridEncoder"),
+                                                          ("splade", "retromae.retrieval.sparse", "SparseTextEncoder")])
+def test_make_encoder_builds_the_representation_s_encoder_from_the_model_settings_and_device(monkeypatch,
+                                                                                           representation, module,
+                                                                                           name):
+    import importlib
+
+    from retromae.retrieval.encoder import EncodeConfig
+
+    built = []
+    monkeypatch.setattr(importlib.import_module(module), name,
+                        lambda model, encode, device=None: built.append((name, model, encode, device)) or name)
+    encode, device = EncodeConfig(pooling="mean"), torch.device("cuda", 1)
+    assert ev.make_encoder("m", encode, SearchConfig(representation=representation), device) == name
+    assert built == [(name, "m", encode, device)]
+
+
+def test_result_row_times_the_evaluation_to_a_tenth_of_a_second_and_writes_indented_json(tmp_path, monkeypatch):
+    # the clock reads 10.0 when the evaluation starts and 12.345 when it is scored: 2.345 s -> 2.3
+    import types
+
+    clock = iter([10.0, 12.345])
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    data = data_of({"x": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0"})
+    data.sources = {"corpus": "/c/corpus.jsonl"}
+    search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w"))
+    output = tmp_path / "r.json"
+    result = ev.evaluate_model("m", data, search=search, output=str(output), encoder=SettledDenseEncoder())
+    assert result["seconds"] == 2.3
+    assert (result["num_documents"], result["num_queries"], result["sources"]) == (3, 1, {"corpus": "/c/corpus.jsonl"})
+    lines = output.read_text().splitlines()
+    assert lines[0] == "{" and lines[1].startswith(' "') and lines[-1] == "}", "indented by one space"
+
+
+def test_gathered_results_are_read_memory_mapped(tmp_path, monkeypatch):
+    loads = []
+    real_load = np.load
+
+    def load(file, *args, **kwargs):
+        loads.append((Path(file).name, kwargs.get("mmap_mode", args[0] if args else None)))
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    # 2 processes, one query: rank 0 has 3 at 0, rank 1 has 5 at 1: the top 2 is 5 3 at 1 0
+    scores = [np.array([[3]], np.float32), np.array([[5]], np.float32)]
+    positions = [np.array([[0]]), np.array([[1]])]
+    found = in_threads(2, lambda state: ev._gather_results(["q"], scores[state.process_index],
+                                                           positions[state.process_index], 2, tmp_path, state))
+    assert found[0][1].tolist() == [[5, 3]] and found[0][2].tolist() == [[1, 0]]
+    gathered = [mode for name, mode in loads if name.startswith((".scores-", ".positions-"))]
+    assert len(gathered) == 4 and set(gathered) == {"r"}
