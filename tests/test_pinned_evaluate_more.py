@@ -625,3 +625,37 @@ def test_gathered_results_are_read_memory_mapped(tmp_path, monkeypatch):
     assert found[0][1].tolist() == [[5, 3]] and found[0][2].tolist() == [[1, 0]]
     gathered = [mode for name, mode in loads if name.startswith((".scores-", ".positions-"))]
     assert len(gathered) == 4 and set(gathered) == {"r"}
+
+
+def test_evaluate_model_splade_scores_seismic_s_run_and_the_exact_one_beside_it(tmp_path, monkeypatch):
+    # sparse_run replaced: its run finds d0 for x (recall@1 0), the exact run beside it d2 (recall@1 1); it gets the
+    # launch's scratch folder to write its shards into
+    import retromae.retrieval.sparse
+
+    made, calls = _scratch_spy(monkeypatch), []
+
+    def sparse_run(encoder, data, search, work, state, depth):
+        calls.append((work, depth))
+        found = (["x"], np.array([[2.0]], np.float32), np.array([[0]]))
+        exact = (["x"], np.array([[3.0]], np.float32), np.array([[2]]))
+        return found, {"nnz": 1.5, "exact_run": exact}
+
+    monkeypatch.setattr(retromae.retrieval.sparse, "sparse_run", sparse_run)
+    data = data_of({"x": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0"})
+    search = SearchConfig(representation="splade", metrics=["recall@1"], work_dir=str(tmp_path / "w"))
+    result = ev.evaluate_model("m", data, search=search, encoder=SettledDenseEncoder())
+    assert calls == [(made[0][2], 101)]  # depth 100, one more for BEIR's identical-id rule
+    assert result["recall@1"] == 0.0 and result["sparsity"] == {"nnz": 1.5, "exact": {"recall@1": 1.0}}
+    assert result["settings"]["pooling"] == "fake"
+
+
+def test_evaluate_model_dupmae_searches_the_joint_representation(tmp_path):
+    # joint scores (test_pinned_evaluate._hybrid): q0 4 4 6 -> d2, q1 0 1 -2 -> d1: recall@1 = 1 for both
+    from retromae.retrieval.encoder import EncodeConfig
+
+    encoder = FakeHybridEncoder()
+    encoder.cfg, encoder.tokenizer = EncodeConfig(pooling="mean"), None
+    data = data_of({"x": {"d2": 1}, "y": {"d1": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0", "y": "q1"})
+    search = SearchConfig(representation="dupmae", metrics=["recall@1"], work_dir=str(tmp_path))
+    result = ev.evaluate_model("m", data, search=search, encoder=encoder)
+    assert result["recall@1"] == 1.0 and result["settings"]["pooling"] == "mean"
