@@ -659,3 +659,28 @@ def test_evaluate_model_dupmae_searches_the_joint_representation(tmp_path):
     search = SearchConfig(representation="dupmae", metrics=["recall@1"], work_dir=str(tmp_path))
     result = ev.evaluate_model("m", data, search=search, encoder=encoder)
     assert result["recall@1"] == 1.0 and result["settings"]["pooling"] == "mean"
+
+
+class ThreeLayerEncoder(FakeLayerEncoder):
+    """Layers [1, 5, 3]: layer 5's block a copy of layer 1's, layer 3's as in FakeLayerEncoder."""
+
+    table = {t: v[:3] + v[:3] + v[3:] for t, v in FakeLayerEncoder.table.items()}
+
+    def settings(self):
+        return {"pooling": "fake"}
+
+
+def test_evaluate_model_grid_scores_every_cell_and_reports_the_last_layer_at_full_width(tmp_path):
+    # relevant: x -> d0, y -> d2. q . d over each layer's 3 coordinates (FakeLayerEncoder's table):
+    #   layers 1 and 5: q0 1 2 3 -> d2, q1 0 2 0 -> d1: recall@1 0;  layer 3: q0 3 2 1 -> d0, q1 0 0 3 -> d2: 1
+    # the row's own metrics are the last layer's (3) at the widest dims (3)
+    data = data_of({"x": {"d0": 1}, "y": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0", "y": "q1"})
+    search = SearchConfig(metrics=["recall@1"], layers=[1, 5, 3], dims=[3], use_gpu="false", work_dir=str(tmp_path))
+    output = tmp_path / "out" / "r.json"
+    result = ev.evaluate_model("m", data, search=search, output=str(output), encoder=ThreeLayerEncoder())
+    assert result["recall@1"] == 1.0
+    assert result["matryoshka"] == {"1x3": {"recall@1": 0.0}, "5x3": {"recall@1": 0.0}, "3x3": {"recall@1": 1.0}}
+    assert (output.parent / "r.matryoshka.md").read_text().endswith(
+        "| 1 | 0.0000 |\n| 5 | 0.0000 |\n| 3 | 1.0000 |\n")
+    assert (output.parent / "r.matryoshka.png").is_file()
+    assert result["settings"]["pooling"] == "fake"
