@@ -340,3 +340,28 @@ def test_a_corpus_is_tokenized_once(task, st_model, monkeypatch):
     np.testing.assert_allclose(second, expected, atol=1e-5)
     part = cached.encode(Window(texts, 50, 120), "passage", show_progress=False)
     np.testing.assert_allclose(part, expected[50:120], atol=1e-5)
+
+
+def test_a_window_holds_only_its_own_texts():
+    from retromae.retrieval.encoder import Window
+
+    window = Window(["a", "b", "c", "d"], 1, 3)
+    assert list(window) == ["b", "c"] and window[-1] == "c" and window[0:5] == ["b", "c"]
+    for outside in (2, -3):
+        with pytest.raises(IndexError):
+            window[outside]
+
+
+def test_a_shard_writer_refuses_rows_of_the_wrong_size_or_outside_the_shard(tmp_path):
+    from retromae.retrieval.scratch import ShardWriter
+
+    path = tmp_path / "shard.bin"
+    path.write_bytes(bytes(4 * 3 * 2))  # 3 rows of 2 float32
+    writer = ShardWriter(path, (3, 2), np.float32, 0)
+    writer[[2, 0]] = np.array([[5, 6], [1, 2]], np.float32)
+    with pytest.raises(ValueError, match=r"\(2, 3\) values for 2 rows"):
+        writer[0:2] = np.zeros((2, 3), np.float32)
+    with pytest.raises(IndexError, match="rows 1..3 outside 0..2"):
+        writer[[1, 3]] = np.zeros((2, 2), np.float32)
+    writer.flush()
+    assert np.frombuffer(path.read_bytes(), np.float32).tolist() == [1, 2, 0, 0, 5, 6]

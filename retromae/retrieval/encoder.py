@@ -275,6 +275,8 @@ class Window(Sequence):
         if isinstance(item, slice):
             start, stop, step = item.indices(len(self))
             return self.texts[self.lo + start : self.lo + stop][::step]
+        if not -len(self) <= item < len(self):  # Sequence's iteration stops at this IndexError, not at texts' end
+            raise IndexError(f"index {item} outside a window of {len(self)}")
         return self.texts[self.lo + (item if item >= 0 else item + len(self))]
 
 

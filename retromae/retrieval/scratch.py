@@ -86,7 +86,12 @@ class ShardWriter:
 
     def __setitem__(self, rows, values) -> None:
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
-        values = np.ascontiguousarray(values, dtype=self.dtype).reshape(len(rows), -1)
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if values.size * self.dtype.itemsize != len(rows) * self.row_bytes:  # a reshape would spill into other rows
+            raise ValueError(f"{self.path}: {values.shape} values for {len(rows)} rows of {self.shape[1:]}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows {rows.min()}..{rows.max()} outside 0..{len(self) - 1}")
+        values = values.reshape(len(rows), -1)
         order = np.argsort(rows, kind="stable")
         rows, values = rows[order], values[order]
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one write each
