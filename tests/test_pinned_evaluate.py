@@ -431,11 +431,13 @@ class FakeLayerEncoder:
 
     def encode(self, texts, kind, show_progress=False, out=None):
         assert kind in ("query", "passage")
-        out[0:len(texts)] = np.array([self.table[t] for t in texts], np.float32)
+        # the table's blocks are the layers in the order asked: a run of fewer layers (or a dense run) gets the
+        # first `dimension` coordinates (a shard row holds exactly that many: ShardWriter refuses more)
+        out[0:len(texts)] = np.array([self.table[t][:self.dimension] for t in texts], np.float32)
 
 
 def test_layer_and_dim_grid_scores_the_first_dims_of_each_layers_own_vector(tmp_path):
-    # 3 documents over 2 processes (d0 d1 | d2), top 2, ties by position; q . d over the first `dim` coordinates of
+    # 3 documents over 2 processes (d0 | d1 d2), top 2, ties by position; q . d over the first `dim` coordinates of
     # the layer's block of 3 (layer 1: columns 0-2, layer 3: columns 3-5), no re-normalisation:
     # (1, 1): q0 1 0 0 -> d0 d1 (1 0);  q1 0 0 0 -> d0 d1 (0 0)
     # (1, 3): q0 1 2 3 -> d2 d1 (3 2);  q1 0 2 0 -> d1 d0 (2 0)
