@@ -168,6 +168,22 @@ def test_pooled_search_scores_in_full_a_query_given_fewer_than_k_candidates(monk
     assert stats == {"added_by_bound": 0, "queries_scored_in_full": 1}
 
 
+def test_pooled_search_counts_each_query_scored_in_full(monkeypatch):
+    # the case above with both pools holding d0 alone: both queries scored in full (counted 2, not set to 1);
+    # joint scores as above: qA d0 4, d1 2; qB d0 4, d1 3
+    from retromae.retrieval import index
+
+    FakePoolIndex.pools = ([[3, -3.4e38], [3, -3.4e38]], [["0"], ["0"]])
+    monkeypatch.setattr(index, "DenseIndex", FakePoolIndex)
+    queries = HybridVectors(np.array([[1], [1]], np.float32), csr_matrix(np.array([[0, 1], [1, 0]], np.float32)))
+    docs = HybridVectors(np.array([[3], [2], [1]], np.float32),
+                         csr_matrix(np.array([[1, 1], [1, 0], [0, 0]], np.float32)))
+    stats = {}
+    scores, positions = pooled_search(queries, docs, 2, pool=2, use_gpu=False, stats=stats)
+    assert positions.tolist() == [[0, 1], [0, 1]] and scores.tolist() == [[4, 2], [4, 3]]
+    assert stats == {"added_by_bound": 0, "queries_scored_in_full": 2}
+
+
 def test_pooled_search_on_an_ivf_index_short_of_k_hits_equals_exact():
     # 64 documents in 64 lists, 32 of them probed: a query gets about 32 hits, fewer than k = 40; the pooled top 40
     # is then the exact one (exact_search, pinned by hand in tests/test_pinned_evaluate.py), not padded with d0
