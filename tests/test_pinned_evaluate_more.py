@@ -627,7 +627,8 @@ def test_gathered_results_are_read_memory_mapped(tmp_path, monkeypatch):
     assert len(gathered) == 4 and set(gathered) == {"r"}
 
 
-def test_evaluate_model_splade_scores_seismic_s_run_and_the_exact_one_beside_it(tmp_path, monkeypatch):
+# (the name avoids 'seismic': the mutation runs leave out tests so named, as Seismic's own deadlock under mutmut)
+def test_evaluate_model_splade_scores_the_approximate_run_and_the_exact_one_beside_it(tmp_path, monkeypatch):
     # sparse_run replaced: its run finds d0 for x (recall@1 0), the exact run beside it d2 (recall@1 1); it gets the
     # launch's scratch folder to write its shards into
     import retromae.retrieval.sparse
@@ -646,7 +647,47 @@ def test_evaluate_model_splade_scores_seismic_s_run_and_the_exact_one_beside_it(
     result = ev.evaluate_model("m", data, search=search, encoder=SettledDenseEncoder())
     assert calls == [(made[0][2], 101)]  # depth 100, one more for BEIR's identical-id rule
     assert result["recall@1"] == 0.0 and result["sparsity"] == {"nnz": 1.5, "exact": {"recall@1": 1.0}}
-    assert result["settings"]["pooling"] == "fake"
+    assert result["settings"]["pooling"] == "fake" and result["model"] == "m"
+
+
+def test_evaluate_model_dupmae_searches_in_the_launch_s_scratch(tmp_path, monkeypatch):
+    # hybrid_run replaced: it gets the scratch folder made for the launch and the depth (100 + 1 for BEIR's rule)
+    from retromae.retrieval.encoder import EncodeConfig
+
+    made, calls = _scratch_spy(monkeypatch), []
+
+    def hybrid_run(encoder, data, search, work, state, depth):
+        calls.append((work, depth))
+        return ["x"], np.array([[3.0]], np.float32), np.array([[2]])
+
+    monkeypatch.setattr(ev, "hybrid_run", hybrid_run)
+    encoder = FakeHybridEncoder()
+    encoder.cfg, encoder.tokenizer = EncodeConfig(pooling="mean"), None
+    data = data_of({"x": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0"})
+    search = SearchConfig(representation="dupmae", metrics=["recall@1"], work_dir=str(tmp_path / "w"))
+    result = ev.evaluate_model("m", data, search=search, encoder=encoder)
+    assert calls == [(made[0][2], 101)] and result["recall@1"] == 1.0
+
+
+def test_evaluate_model_grid_over_two_processes_answers_on_the_main_process_only(tmp_path, monkeypatch):
+    # matryoshka_run replaced: as the real one, the merged grid on the main process and None on the others; the
+    # other process must not read a cell of a grid it does not have. x's relevant d2 found first: recall@1 = 1
+    states = threading.local()
+    monkeypatch.setattr(retromae.distributed, "process_state", lambda: states.state)
+    monkeypatch.setattr(ev, "make_encoder", lambda model, encode, search, device: SettledDenseEncoder())
+    cell = (["x"], np.array([[3.0]], np.float32), np.array([[2]]))
+    monkeypatch.setattr(ev, "matryoshka_run", lambda encoder, data, search, work, state, depth:
+                        {(1, 2): cell} if state.is_main_process else None)
+    data = data_of({"x": {"d2": 1}}, ids=["d0", "d1", "d2"], queries={"x": "q0"})
+    search = SearchConfig(metrics=["recall@1"], layers=[1], dims=[2], use_gpu="false", work_dir=str(tmp_path / "w"))
+
+    def process(state):
+        states.state = state
+        return ev.evaluate_model("m", data, search=search)
+
+    results = ThreadLaunch(2).run(monkeypatch, process)
+    assert results[1] is None and results[0]["recall@1"] == 1.0
+    assert results[0]["matryoshka"] == {"1x2": {"recall@1": 1.0}}
 
 
 def test_evaluate_model_dupmae_searches_the_joint_representation(tmp_path):
