@@ -419,7 +419,7 @@ def test_evaluate_model_dense_scratch_beside_the_output_or_in_the_work_dir_and_i
     search = SearchConfig(metrics=["recall@1"], use_gpu="false", work_dir=str(tmp_path / "w") if work_dir else None)
     output = tmp_path / "o" / "r.json"
     result = ev.evaluate_model("m", data, search=search, output=str(output), encoder=SettledDenseEncoder())
-    assert result["recall@1"] == 1.0
+    assert result["recall@1"] == 1.0 and "sparsity" not in result and "matryoshka" not in result, "dense: no extras"
     [(root, prefix, folder)] = made
     assert root == (tmp_path / "w" if work_dir else (tmp_path / "o").resolve())
     assert prefix == "retromae-eval-" and folder.parent == root and not folder.exists(), "made there, then removed"
