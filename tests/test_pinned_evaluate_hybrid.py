@@ -149,15 +149,20 @@ class FakePoolIndex:
         return np.array(scores, np.float32), hits
 
 
-def test_pooled_search_scores_in_full_a_query_given_fewer_than_k_candidates(monkeypatch):
+@pytest.mark.parametrize("pools, scored_in_full", [
+    (([[3, -3.4e38], [3, 2]], [["0"], ["0", "1"]]), 1),
+    (([[3, -3.4e38], [3, -3.4e38]], [["0"], ["0"]]), 2),  # both short: both scored in full, counted 2 (not set to 1)
+])
+def test_pooled_search_scores_in_full_a_query_given_fewer_than_k_candidates(monkeypatch, pools, scored_in_full):
     # dense d0 3, d1 2, d2 1; sparse d0 {0: 1, 1: 1}, d1 {0: 1}; both queries dense 1.
     # qA sparse {1: 1}: joint d0 3 + 1 = 4, d1 2, d2 1.  qB sparse {0: 1}: joint d0 4, d1 2 + 1 = 3, d2 1.
     # k = 2. qA's pool holds d0 alone (fewer than k): scored in full: d0 4, d1 2 (not d0 then a padding row).
     # qB's pool d0 d1 (exactly k): k-th joint score 3 > floor 2 + margin 0.003: bounded; d0 d1 may reach
     # 1 + 2 >= 2.997 but are in already: nothing added. Its top 2: d0 4, d1 3.
+    # With both pools d0 alone, qB is scored in full too: the same top 2.
     from retromae.retrieval import index
 
-    FakePoolIndex.pools = ([[3, -3.4e38], [3, 2]], [["0"], ["0", "1"]])
+    FakePoolIndex.pools = pools
     monkeypatch.setattr(index, "DenseIndex", FakePoolIndex)
     queries = HybridVectors(np.array([[1], [1]], np.float32), csr_matrix(np.array([[0, 1], [1, 0]], np.float32)))
     docs = HybridVectors(np.array([[3], [2], [1]], np.float32),
@@ -165,23 +170,7 @@ def test_pooled_search_scores_in_full_a_query_given_fewer_than_k_candidates(monk
     stats = {}
     scores, positions = pooled_search(queries, docs, 2, pool=2, use_gpu=False, stats=stats)
     assert positions.tolist() == [[0, 1], [0, 1]] and scores.tolist() == [[4, 2], [4, 3]]
-    assert stats == {"added_by_bound": 0, "queries_scored_in_full": 1}
-
-
-def test_pooled_search_counts_each_query_scored_in_full(monkeypatch):
-    # the case above with both pools holding d0 alone: both queries scored in full (counted 2, not set to 1);
-    # joint scores as above: qA d0 4, d1 2; qB d0 4, d1 3
-    from retromae.retrieval import index
-
-    FakePoolIndex.pools = ([[3, -3.4e38], [3, -3.4e38]], [["0"], ["0"]])
-    monkeypatch.setattr(index, "DenseIndex", FakePoolIndex)
-    queries = HybridVectors(np.array([[1], [1]], np.float32), csr_matrix(np.array([[0, 1], [1, 0]], np.float32)))
-    docs = HybridVectors(np.array([[3], [2], [1]], np.float32),
-                         csr_matrix(np.array([[1, 1], [1, 0], [0, 0]], np.float32)))
-    stats = {}
-    scores, positions = pooled_search(queries, docs, 2, pool=2, use_gpu=False, stats=stats)
-    assert positions.tolist() == [[0, 1], [0, 1]] and scores.tolist() == [[4, 2], [4, 3]]
-    assert stats == {"added_by_bound": 0, "queries_scored_in_full": 2}
+    assert stats == {"added_by_bound": 0, "queries_scored_in_full": scored_in_full}
 
 
 def test_pooled_search_on_an_ivf_index_short_of_k_hits_equals_exact():

@@ -161,18 +161,23 @@ def test_grid_keeps_a_process_s_padding_as_padding(tmp_path, monkeypatch):
     assert scores.tolist() == [[1, 1, -np.inf, -np.inf]] * 2
 
 
-@pytest.mark.parametrize("grid", [False, True])
-def test_shards_are_read_memory_mapped(tmp_path, monkeypatch, grid):
-    # a corpus shard (all layers' vectors for the grid) is mapped, never read whole into memory: the search reads it
-    # a chunk at a time, the grid one cell's columns at a time
-    loads = []
-    real_load = np.load
+def _record_loads(monkeypatch) -> list:
+    """np.load recorded: (file name, mmap_mode) per call."""
+    loads, real_load = [], np.load
 
     def load(file, *args, **kwargs):
         loads.append((Path(file).name, kwargs.get("mmap_mode", args[0] if args else None)))
         return real_load(file, *args, **kwargs)
 
     monkeypatch.setattr(np, "load", load)
+    return loads
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_shards_are_read_memory_mapped(tmp_path, monkeypatch, grid):
+    # a corpus shard (all layers' vectors for the grid) is mapped, never read whole into memory: the search reads it
+    # a chunk at a time, the grid one cell's columns at a time
+    loads = _record_loads(monkeypatch)
     data = _three_docs_two_queries()
     if grid:
         search = SearchConfig(layers=[1, 3], dims=[3], use_gpu="false")
@@ -609,14 +614,7 @@ def test_result_row_times_the_evaluation_to_a_tenth_of_a_second_and_writes_inden
 
 
 def test_gathered_results_are_read_memory_mapped(tmp_path, monkeypatch):
-    loads = []
-    real_load = np.load
-
-    def load(file, *args, **kwargs):
-        loads.append((Path(file).name, kwargs.get("mmap_mode", args[0] if args else None)))
-        return real_load(file, *args, **kwargs)
-
-    monkeypatch.setattr(np, "load", load)
+    loads = _record_loads(monkeypatch)
     # 2 processes, one query: rank 0 has 3 at 0, rank 1 has 5 at 1: the top 2 is 5 3 at 1 0
     scores = [np.array([[3]], np.float32), np.array([[5]], np.float32)]
     positions = [np.array([[0]]), np.array([[1]])]
