@@ -492,3 +492,17 @@ def test_reference_span_inputs_are_cropped_to_max_span_tokens(monkeypatch, tiny_
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     rows = [spans["input_ids"][r][spans["attention_mask"][r].bool()].tolist() for r in (0, 1)]
     assert rows == [[cls, 12, 13, 14, 15, sep], [cls, 16, 17, 18, sep]]
+
+
+def test_span_wrapping_and_sentence_lengths_are_made_on_the_inputs_device(monkeypatch):
+    """Users train on GPUs: the meta device stands in for one (mixing a CPU tensor into a meta computation raises).
+    The one value read off the tensors (the longest span, the most sentences) meta cannot give: it is handed over."""
+    meta = torch.device("meta")
+    monkeypatch.setattr(cotmae, "int", lambda value: 3, raising=False)
+    ids, start, size = (torch.zeros(2, 12, dtype=torch.long, device=meta), torch.ones(2, dtype=torch.long, device=meta),
+                        torch.full((2,), 3, dtype=torch.long, device=meta))
+    prefix, suffix = torch.tensor([101], device=meta), torch.tensor([102], device=meta)
+    tokens, mask = cotmae.wrap_spans(ids, start, size, prefix, suffix, 0)
+    assert (tokens.device, mask.device, tuple(tokens.shape)) == (meta, meta, (2, 10))  # width 1 + 8 + 1
+    lengths = cotmae.sentence_lengths(torch.zeros(2, 5, dtype=torch.long, device=meta))
+    assert (lengths.device, tuple(lengths.shape)) == (meta, (2, 4))  # most sentences: 3 + 1
