@@ -125,9 +125,9 @@ def reopen_survivors(work: Path, unchecked_too: bool = False) -> int:
     data.pop("config_fingerprint", None)
     stats.write_text(json.dumps(data), encoding="utf-8")
     reopened, unchecked = 0, []
-    for meta_path in (work / "mutants").rglob("*.py.meta"):
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        codes = meta["exit_code_by_key"]
+
+    def reopen(codes: dict) -> None:
+        nonlocal reopened
         for key, code in codes.items():
             if code is None and unchecked_too:
                 reopened += 1
@@ -137,7 +137,8 @@ def reopen_survivors(work: Path, unchecked_too: bool = False) -> int:
             elif status_by_exit_code[code] != "killed":
                 codes[key] = None
                 reopened += 1
-        meta_path.write_text(json.dumps(meta), encoding="utf-8")
+
+    edit_verdicts(work, reopen)
     (work / "mutants" / UNCHECKED).write_text(json.dumps(unchecked), encoding="utf-8")
     return reopened
 
@@ -148,12 +149,20 @@ def restore_unchecked(work: Path) -> None:
     if not listed.exists():
         return
     unchecked = set(json.loads(listed.read_text(encoding="utf-8")))
+    edit_verdicts(work, lambda codes: codes.update(
+        {key: None for key in codes if key in unchecked and codes[key] == SKIPPED}))
+    listed.unlink()
+
+
+def edit_verdicts(work: Path, edit) -> None:
+    """Apply `edit` to each mutated file's verdicts (mutant -> exit code) in mutmut's results files, each rewritten
+    under a temporary name and renamed: a file rewritten in place and stopped half-way loses every verdict."""
     for meta_path in (work / "mutants").rglob("*.py.meta"):
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        codes = meta["exit_code_by_key"]
-        codes.update({key: None for key in codes if key in unchecked and codes[key] == SKIPPED})
-        meta_path.write_text(json.dumps(meta), encoding="utf-8")
-    listed.unlink()
+        edit(meta["exit_code_by_key"])
+        tmp = meta_path.with_suffix(".meta.tmp")
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+        tmp.replace(meta_path)
 
 
 def run_module(name: str, max_children: int, keep: bool, recount: bool = False, survivors: bool = False,

@@ -22,20 +22,9 @@ from retromae.retrieval.data import RetrievalData
 from retromae.retrieval.evaluate import SearchConfig, SuiteConfig
 from retromae.retrieval.hybrid import HybridVectors, exact_search, joint_scores, pooled_search
 from retromae.retrieval.sparse import SparseSearchConfig
+from test_scale import FakeProcess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class FakeProcess:
-    """Process `rank` of `world`, the processes being threads of this one (a barrier is a threading.Barrier)."""
-
-    def __init__(self, rank, world, barrier=None):
-        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
-        self.device, self.barrier = torch.device("cpu"), barrier
-
-    def wait_for_everyone(self):
-        if self.barrier is not None:
-            self.barrier.wait(timeout=60)
 
 
 def in_threads(world, work):

@@ -80,10 +80,10 @@ def exact_search(queries: HybridVectors, docs: HybridVectors, k: int, batch: int
     """(scores, document positions), each (Q, k), best first; ties by position, as `pooled_search` and the merge
     of shards (`merge_top_k`) order them, so that the top-k does not depend on the path or on the corpus's split.
     (A partition alone kept any of the documents tied at the k-th place.)"""
-    from retromae.retrieval.sparse import _top_k_rows
+    from retromae.retrieval.sparse import top_k_rows
 
     k = min(k, docs.dense.shape[0])
-    found = [_top_k_rows(joint_scores(queries, docs, slice(start, start + batch)), k)
+    found = [top_k_rows(joint_scores(queries, docs, slice(start, start + batch)), k)
              for start in range(0, queries.dense.shape[0], batch)]
     return np.concatenate([s for s, _ in found]), np.concatenate([p for _, p in found])
 

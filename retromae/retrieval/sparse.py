@@ -209,7 +209,7 @@ class SparseSearchConfig:
             raise ConfigError("sparse.heap_factor must be in (0, 1] and sparse.query_cut >= 1", key="heap_factor")
 
 
-def _top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best columns of a dense block (-inf: not retrieved): scores descending, ties by column
     ascending; missing slots are (-inf, -1)."""
     k_eff = min(k, scores.shape[1])
@@ -259,7 +259,7 @@ class ExactSparseIndex:
                 dense = np.full(product.shape, -np.inf, dtype=np.float32)
                 row_of = np.repeat(np.arange(product.shape[0]), np.diff(product.indptr))
                 dense[row_of, product.indices] = product.data
-                scores, positions = _top_k_rows(dense, k)
+                scores, positions = top_k_rows(dense, k)
                 positions = np.where(positions >= 0, positions + lo, -1)
                 stop = start + product.shape[0]
                 merged = merge_top_k([out_scores[start:stop], scores], [out_positions[start:stop], positions], k)
